@@ -1,0 +1,253 @@
+"""Typed configs: dataclass trees loaded from YAML and overridden with dotted ``key.sub=value`` strings.
+
+Every stage declares one ``@dataclass(frozen=True, kw_only=True)`` tree whose fields carry a one-line
+doc (``field(metadata={"doc": ...})``, see :func:`doc`). :func:`load_config` merges, in order of
+precedence, command-line overrides > YAML file > dataclass defaults, coerces every value by the
+field's declared type, and raises :class:`ConfigError` naming the key and what is allowed for
+unknown keys, ill-typed values and failed ``__post_init__`` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a one-line description shown by ``--help``."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist; pass CONFIG=configs/<name>.yaml") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(data, key.strip(), _OverrideString(value))
+    return from_dict(cls, data)
+
+
+class _OverrideString(str):
+    """A raw command-line value: parsed according to the declared field type, not guessed."""
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Recursively build dataclass ``cls`` from a mapping, checking keys and types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; allowed keys here: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the declared type ``tp`` or raise a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, _OverrideString):
+            raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.<name>=...")
+        return from_dict(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if type(None) in args and _is_null(value):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        for choice in args:
+            try:
+                if coerce(value, type(choice), key) == choice:
+                    return choice
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (tuple, list):
+        items = _as_sequence(value, key)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        if origin is tuple:
+            if len(items) != len(args):
+                raise ConfigError(f"{key!r} needs {len(args)} values, got {len(items)}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+        return [coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key!r} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key!r} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(f"{key!r} must be a string, got {value!r}")
+    raise ConfigError(f"{key!r}: unsupported config type {tp!r}")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~"))
+
+
+def _as_sequence(value: Any, key: str) -> list:
+    if isinstance(value, _OverrideString):
+        text = value.strip()
+        if text.startswith("["):
+            value = yaml.safe_load(text)
+        else:
+            return [_OverrideString(v.strip()) for v in text.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key!r} must be a list, got {value!r}")
+    return list(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and describing
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field: what ``--help`` prints."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, f"{prefix}{f.name}."))
+        else:
+            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            rows.append((prefix + f.name, type_name, to_dict(default), f.metadata.get("doc", "")))
+    return rows
+
+
+def require(condition: bool, message: str) -> None:
+    """Cross-field check for ``__post_init__``: raise a ConfigError with ``message`` if false."""
+    if not condition:
+        raise ConfigError(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections shared by every stage
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """Object-storage settings; credentials come from the usual AWS_* / GOOGLE_* environment variables."""
+
+    endpoint_url: str = doc("", "S3-compatible endpoint (MinIO, R2, moto); empty = AWS_ENDPOINT_URL or AWS itself")
+    region: str = doc("", "S3 region; empty = AWS_DEFAULT_REGION")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Where the Ray parts run: the cluster in RAY_ADDRESS when set, else a local instance."""
+
+    address: str = doc("", "Ray cluster address; empty = $RAY_ADDRESS, else start a local Ray instance")
+    num_cpus: int = doc(0, "CPUs of a local Ray instance; 0 = all cores of this machine")
+    object_store_memory_mb: int = doc(0, "object store size of a local Ray instance; 0 = Ray's default")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: Literal["disabled", "offline", "online"] = doc("disabled", "wandb mode")
+    project: str = doc("nextscale", "wandb project")
+    entity: str = doc("", "wandb entity (team); empty = your default")
+    run_name: str = doc("", "run name; empty = derived from the output location")

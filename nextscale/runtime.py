@@ -1,0 +1,84 @@
+"""The seam between the plain-PyTorch training loops and whatever runs them.
+
+Training loops (``nextscale.prior.engine``, ``nextscale.tokenize.train``) see only a
+:class:`TrainContext`: rank, world size, device, ``report(metrics, checkpoint_dir)`` and
+``restore()``. :class:`LocalContext` runs a loop in this process and keeps checkpoints under the
+run's output URL; ``nextscale.pipelines.train`` provides the Ray Train implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Protocol
+
+import torch
+
+from nextscale import storage
+
+log = logging.getLogger(__name__)
+
+
+class TrainContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        """Publish metrics; if ``checkpoint_dir`` (a local folder) is given, persist it as the latest
+        checkpoint. Collective: every rank calls it, rank 0 passes the checkpoint."""
+
+    def restore(self) -> str | None:
+        """A local folder holding the latest persisted checkpoint, or None on a fresh start."""
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap for data parallelism (DDP/FSDP) when world_size > 1; identity otherwise."""
+
+
+class LocalContext:
+    """Single-process context: checkpoints go to ``{output}/checkpoints/step-XXXXXXXX`` (local or object store)."""
+
+    def __init__(self, output_url: str, device: str | torch.device = "cpu", num_to_keep: int = 2):
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.checkpoint_root = storage.join(output_url, "checkpoints")
+        self.num_to_keep = num_to_keep
+        self._tmp = tempfile.mkdtemp(prefix="nextscale-restore-")
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is None:
+            return
+        step = int(metrics.get("step", 0))
+        dest = storage.join(self.checkpoint_root, f"step-{step:08d}")
+        for name in sorted(os.listdir(checkpoint_dir)):
+            with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(dest, name), f.read())
+        # the COMMITTED marker makes a checkpoint visible to restore() only once all its files exist
+        storage.write_text(storage.join(dest, "COMMITTED"), str(step))
+        for old in self._committed()[: -self.num_to_keep]:
+            storage.remove(storage.join(self.checkpoint_root, old), recursive=True)
+
+    def _committed(self) -> list[str]:
+        return [
+            n for n in storage.listdir(self.checkpoint_root)
+            if n.startswith("step-") and storage.exists(storage.join(self.checkpoint_root, n, "COMMITTED"))
+        ]
+
+    def restore(self) -> str | None:
+        committed = self._committed()
+        if not committed:
+            return None
+        src = storage.join(self.checkpoint_root, committed[-1])
+        local = os.path.join(self._tmp, committed[-1])
+        shutil.rmtree(local, ignore_errors=True)
+        os.makedirs(local)
+        for name in storage.listdir(src):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(src, name)))
+        log.info("resuming from %s", src)
+        return local
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
