@@ -1,0 +1,94 @@
+"""The typed config loader, and every file in configs/ loads into its stage's dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from nextscale.cli import STAGES, _resolve
+from nextscale.config import ConfigError, describe, doc, dump_yaml, load_config, require
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Optim:
+    lr: float = doc(1e-4, "learning rate")
+    betas: tuple[float, float] = doc((0.9, 0.95), "AdamW betas")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Toy:
+    depth: int = doc(16, "blocks")
+    name: str = doc("x", "a name")
+    patch_nums: tuple[int, ...] = doc((1, 2, 3), "scales")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "precision")
+    compile: bool = doc(False, "torch.compile")
+    resume: str | None = doc(None, "checkpoint")
+    optim: Optim = doc(Optim(), "optimizer")
+
+    def __post_init__(self):
+        require(self.depth > 0, f"depth must be positive, got {self.depth}")
+
+
+def test_defaults_file_and_overrides_in_order_of_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("depth: 20\noptim:\n  lr: 3.0e-4\n")
+    cfg = load_config(Toy, str(path), ["optim.lr=2e-4", "patch_nums=1,2,4", "compile=true", "precision=bf16"])
+    assert cfg.depth == 20 and cfg.optim.lr == 2e-4 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.patch_nums == (1, 2, 4) and cfg.compile is True and cfg.precision == "bf16"
+    assert load_config(Toy, None, ["patch_nums=[4, 5]", "resume=none"]).patch_nums == (4, 5)
+
+
+def test_override_values_are_coerced_by_declared_type_not_guessed():
+    cfg = load_config(Toy, None, ["name=123", "optim.lr=1", "resume=s3://b/ckpt"])
+    assert cfg.name == "123" and isinstance(cfg.optim.lr, float) and cfg.resume == "s3://b/ckpt"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; allowed keys here: betas, lr"),
+    (["depth=deep"], "'depth' must be an integer, got 'deep'"),
+    (["precision=fp8"], "'precision' must be one of 'fp32', 'bf16'"),
+    (["compile=maybe"], "'compile' must be true or false"),
+    (["optim.betas=0.9"], "'optim.betas' needs 2 values, got 1"),
+    (["depth=0"], "depth must be positive, got 0"),
+    (["optim=3"], "'optim' is a section"),
+    (["depth"], "must look like key.sub=value"),
+])
+def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Toy, None, override)
+    assert message in str(e.value)
+
+
+def test_yaml_type_errors_and_missing_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("depth: 2.5\n")
+    with pytest.raises(ConfigError, match="'depth' must be an integer, got 2.5"):
+        load_config(Toy, str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Toy, str(tmp_path / "nope.yaml"))
+
+
+def test_dump_round_trips_and_describe_lists_every_leaf():
+    cfg = load_config(Toy, None, ["optim.lr=5e-4", "patch_nums=1,2"])
+    assert load_config(Toy, None, []) != cfg
+    again = Toy(**{**yaml.safe_load(dump_yaml(cfg)), "optim": Optim(lr=5e-4)} | {"patch_nums": (1, 2)})
+    assert again == cfg
+    keys = [row[0] for row in describe(Toy)]
+    assert keys == ["depth", "name", "patch_nums", "precision", "compile", "resume", "optim.lr", "optim.betas"]
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+# a config file is loaded by the stage named by its file name prefix
+PREFIX_TO_STAGE = {"tokenize": "tokenize", "tokenizer": "train-tokenizer", "prior": "train-prior",
+                   "sample": "sample", "fid": "fid", "demo": "demo", "bench": "bench"}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "cluster" not in p.parts], ids=lambda p: p.name)
+def test_every_config_file_loads_into_its_stage_config(path):
+    stage = PREFIX_TO_STAGE[path.stem.split("_")[0]]
+    cfg = load_config(_resolve(STAGES[stage][0]), str(path))
+    assert dataclasses.is_dataclass(cfg)
