@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export WANDB_DIR ?= $(CURDIR)/runs/wandb
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test demo demo-data tokenize train-tokenizer train-prior sample fid bench lint clean \
+.PHONY: docs install test demo demo-data tokenize train-tokenizer train-prior sample fid bench lint clean \
         submit-tokenize submit-train-prior submit-fid
 
 install: $(STAMP)
@@ -56,3 +56,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs data/demo .pytest_cache
+
+docs: $(STAMP)
+	$(NS) config-docs > docs/configs.md

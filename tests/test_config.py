@@ -92,3 +92,10 @@ def test_every_config_file_loads_into_its_stage_config(path):
     stage = PREFIX_TO_STAGE[path.stem.split("_")[0]]
     cfg = load_config(_resolve(STAGES[stage][0]), str(path))
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_docs_config_reference_is_current():
+    from nextscale.cli import config_reference
+
+    committed = (Path(__file__).parent.parent / "docs" / "configs.md").read_text()
+    assert committed == config_reference(), "docs/configs.md is stale: run `make docs`"
