@@ -1,0 +1,135 @@
+"""Official VAR checkpoints (``var_d16.pth`` ... ``var_d30.pth``) -> nextscale, with strict key and shape checks.
+
+nextscale's VAR uses the official state-dict names, so conversion is a check, not a rename: every key
+the model expects must be present with the expected shape, and nothing may be left over. A wrong file
+gets an error naming the offending key and, where it can be told, the preset the file looks like.
+The model is built on the meta device and the checkpoint tensors are assigned to it, so loading costs
+no memory beyond the checkpoint itself. The derived buffers (``lvl_1L``, ``attn_bias_for_masking``,
+``zero_k_bias``) must be present (the official files have them) but are recomputed from the config.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from nextscale import storage
+from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, block_causal_bias, build_var, level_index
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict does not fit the requested VAR architecture; the message names the key."""
+
+
+def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
+    """A VAR state dict from a local path or storage URL.
+
+    Accepts a bare state dict (the released ``var_d*.pth``), one under "state_dict"/"model", and the
+    official trainer checkpoints (``ar-ckpt-*.pth``: ``ckpt["trainer"]["var_wo_ddp"]``).
+    """
+    obj = torch.load(io.BytesIO(storage.read_bytes(str(path_or_url))), map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj, str(path_or_url))
+
+
+def unwrap_state_dict(obj: object, what: str = "the checkpoint") -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("trainer"), Mapping) and "var_wo_ddp" in obj["trainer"]:
+        obj = obj["trainer"]["var_wo_ddp"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatch(f"{what} does not hold a state dict (got {type(obj).__name__})")
+    return dict(obj)
+
+
+def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
+    """A hint naming the preset (or model kind) a state dict seems to be, or ''."""
+    if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in state_dict):
+        return ("this looks like a VQVAE checkpoint; load it with "
+                "nextscale.tokenize.convert.load_official_vqvae")
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or "pos_start" not in state_dict:
+        return ""
+    depth, width = max(blocks) + 1, state_dict["pos_start"].shape[-1]
+    shared = any(k.startswith("shared_ada_lin.") for k in state_dict)
+    for name, cfg in VAR_PRESETS.items():
+        if (cfg.depth, cfg.width, cfg.shared_aln) == (depth, width, shared):
+            return f"this looks like var_{name} (depth {depth}, width {width}), use preset {name}"
+    return f"this looks like a VAR of depth {depth} and width {width}; build a VARConfig with those sizes"
+
+
+def check_state_dict(state_dict: Mapping[str, Tensor], model: VAR, preset: str = "") -> None:
+    """Raise CheckpointMismatch naming the first missing, unexpected or mis-shaped key."""
+    what = f"preset {preset}" if preset else "this VARConfig"
+    expected = model.state_dict(keep_vars=True)
+    hint = _looks_like(state_dict)
+    hint = f": {hint}" if hint else ""
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        m = re.match(r"(blocks\.\d+)\.", unexpected[0])
+        name = f"{m.group(1)}.*" if m else unexpected[0]
+        raise CheckpointMismatch(f"{name} unexpected ({len(unexpected)} unexpected keys for {what}){hint}")
+    for key, ref in expected.items():
+        if key not in state_dict:
+            raise CheckpointMismatch(f"missing key {key} (shape {list(ref.shape)}) for {what}{hint}")
+        if tuple(state_dict[key].shape) != tuple(ref.shape):
+            raise CheckpointMismatch(f"key {key} has shape {list(state_dict[key].shape)}, {what} expects "
+                                     f"{list(ref.shape)}{hint}")
+
+
+def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+                      preset: str | VARConfig = "d16") -> VAR:
+    """Build ``preset`` and load an official VAR state dict (path, URL or mapping) strictly, in eval mode.
+
+    Parameters take the checkpoint's device and are cast to float32 (a state dict of meta tensors
+    gives a meta model: a free shape check). Gradients stay enabled, so the result can be fine-tuned.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict = unwrap_state_dict(path_or_state_dict)
+    else:
+        state_dict = read_state_dict(path_or_state_dict)
+    with torch.device("meta"):
+        model = build_var(preset)
+    check_state_dict(state_dict, model, preset if isinstance(preset, str) else "")
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    device = state_dict["pos_start"].device
+    _warn_on_unexpected_buffers(state_dict, model)
+    # derived buffers come from the config, not the file
+    for name, buf in model.named_buffers():
+        state_dict[name] = _derived_buffer(model, name, device)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def _derived_buffer(model: VAR, name: str, device: torch.device) -> Tensor:
+    L = model.L
+    if name == "lvl_1L":
+        return level_index(model.patch_nums, device).view(1, L)
+    if name == "attn_bias_for_masking":
+        return block_causal_bias(model.patch_nums, device).contiguous()
+    if name.endswith("zero_k_bias"):
+        return torch.zeros(model.C, device=device)
+    raise AssertionError(f"unknown buffer {name}")
+
+
+def _warn_on_unexpected_buffers(state_dict: Mapping[str, Tensor], model: VAR) -> None:
+    lvl = state_dict["lvl_1L"]
+    if lvl.device.type == "meta":
+        return
+    if not torch.equal(lvl.cpu(), level_index(model.patch_nums).view(1, -1)):
+        log.warning("checkpoint lvl_1L differs from the scale layout of patch_nums %s; using the config's",
+                    model.patch_nums)
+
+
+def to_official_state_dict(model: VAR) -> dict[str, Tensor]:
+    """The official-format state dict of a nextscale VAR (same names; float32, contiguous, on CPU)."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
+            for k, v in model.state_dict().items()}

@@ -1,0 +1,481 @@
+"""VAR transformer (FoundationVision/VAR ``models/{var,basic_var}.py``): next-scale prediction over code pyramids.
+
+Module paths and buffer names equal the official state-dict names (``blocks.3.attn.mat_qkv.weight``,
+``head_nm.ada_lin.1.bias``, ``attn_bias_for_masking``...), so an official ``var_d16.pth`` loads with a
+strict ``load_state_dict`` (see ``nextscale.prior.convert``) and produces the official logits.
+
+Deliberate difference from the official code: the condition dropout (label -> null class) fires only in
+``train()`` mode; the official ``VAR.forward`` also drops labels in eval mode.
+
+Shape legend:
+    B batch, L tokens of all scales (sum of pn^2), l tokens of one step (a scale, or a prefix of scales),
+    C width, D condition width (= C), H heads, c head dim (C / H), Cv latent channels of the VQVAE,
+    V vocabulary, S scales, pn side of one scale's token map.
+    x_BlCv teacher-forcing features (the VQVAE's f_hat of coarser scales, area-resized), x_BlC tokens,
+    cond_BD class condition, logits_BlV float32 logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nextscale.config import doc, require
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth, scaled by 1/keep (timm ``drop_path`` as VAR uses it)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x_BLC: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x_BLC
+        keep = 1 - self.drop_prob
+        mask_B11 = x_BLC.new_empty((x_BLC.shape[0],) + (1,) * (x_BLC.ndim - 1)).bernoulli_(keep)
+        return x_BLC * mask_B11.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(C, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, C)
+
+    def forward(self, x_BLC: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x_BLC)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with L2-normalised q/k, a learned per-head temperature and no key bias.
+
+    With ``attn_l2_norm`` the attention logit is s_h * cos(q, k) with s_h = exp(min(scale_mul_1H11, ln 100))
+    (init 4) and softmax scale 1. A KV cache (``caching``) serves scale-by-scale sampling: each call
+    appends this step's keys/values, and queries attend to everything cached without a mask (a scale
+    sees itself and all coarser scales).
+    """
+
+    def __init__(self, C: int, H: int, attn_l2_norm: bool, attn_impl: str):
+        super().__init__()
+        self.C, self.H, self.c = C, H, C // H
+        self.attn_l2_norm = attn_l2_norm
+        self.attn_impl = attn_impl
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100)
+        else:
+            self.scale = 0.25 / math.sqrt(self.c)
+        # the official qkv projection has no bias of its own: (q_bias, 0, v_bias) is concatenated instead
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.proj = nn.Linear(C, C)
+        self.caching = False
+        self.cached_k: Tensor | None = None
+        self.cached_v: Tensor | None = None
+
+    def kv_caching(self, enable: bool) -> None:
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x_BlC: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
+        B, l, C = x_BlC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x_BlC, self.mat_qkv.weight, bias).view(B, l, 3, self.H, self.c)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, l, c) each
+        main_dtype = v.dtype
+        if self.attn_l2_norm:
+            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q = F.normalize(q, dim=-1).mul(scale_mul_1H11)
+            k = F.normalize(k, dim=-1)
+        # normalize runs in fp32 under autocast; the kernel gets the autocast dtype, as the official SDPA call does
+        q, k = q.to(main_dtype), k.to(main_dtype)
+        if self.caching:
+            if self.cached_k is not None:
+                k = torch.cat((self.cached_k, k), dim=2)
+                v = torch.cat((self.cached_v, v), dim=2)
+            self.cached_k, self.cached_v = k, v
+        if block_mask is not None:
+            out_BHlc = flex_attention(q, k, v, block_mask=block_mask, scale=self.scale)
+        else:
+            mask = None if attn_bias is None else attn_bias.to(main_dtype)
+            out_BHlc = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Pre-norm block whose LayerNorms (no affine) are modulated by the class condition.
+
+    x = x + DropPath(Attn(LN(x)(1 + scale1) + shift1) * gamma1)
+    x = x + DropPath(FFN(LN(x)(1 + scale2) + shift2) * gamma2)
+    The condition gives six C-vectors in the official chunk order (gamma1, gamma2, scale1, scale2, shift1, shift2).
+    """
+
+    def __init__(self, cfg: VARConfig, drop_path: float):
+        super().__init__()
+        C = cfg.width
+        self.C, self.shared_aln = C, cfg.shared_aln
+        self.attn = SelfAttention(C, cfg.heads, cfg.attn_l2_norm, cfg.attn_impl)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        if cfg.shared_aln:
+            # per-block offsets added to the one shared modulation (VAR-d36-s)
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * C))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x_BlC: Tensor, cond: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
+        """``cond`` is cond_BD, or with shared AdaLN the shared modulation (B, 1, 6, C)."""
+        if self.shared_aln:
+            mods_B16C = self.ada_gss + cond
+        else:
+            mods_B16C = self.ada_lin(cond).view(-1, 1, 6, self.C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods_B16C.unbind(2)  # (B, 1, C) each
+        h = self.attn(self.ln_wo_grad(x_BlC).mul(scale1.add(1)).add_(shift1), attn_bias, block_mask)
+        x_BlC = x_BlC + self.drop_path(h.mul_(gamma1))
+        h = self.ffn(self.ln_wo_grad(x_BlC).mul(scale2.add(1)).add_(shift2))
+        return x_BlC + self.drop_path(h.mul(gamma2))
+
+
+class AdaLNBeforeHead(nn.Module):
+    """Final modulated LayerNorm: LN(x)(1 + scale) + shift, chunks in the official order (scale, shift)."""
+
+    def __init__(self, C: int, D: int, eps: float):
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
+
+    def forward(self, x_BlC: Tensor, cond_BD: Tensor) -> Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x_BlC).mul(scale.add(1)).add_(shift)
+
+
+class SharedAdaLin(nn.Linear):
+    """The one AdaLN linear of the shared-AdaLN variant; returns (B, 1, 6, C)."""
+
+    def forward(self, cond_BD: Tensor) -> Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, block_mask, scale: float) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    return _flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and model
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VARConfig:
+    """Architecture (and initialisation) of a VAR transformer; the official sizes are presets."""
+
+    depth: int = doc(16, "number of transformer blocks")
+    embed_dim: int = doc(0, "width C; 0 = 64 * depth (the official size rule)")
+    num_heads: int = doc(0, "attention heads; 0 = depth (head dim 64 with the size rule)")
+    num_classes: int = doc(1000, "class labels; the class embedding has one more row, the null class")
+    vocab_size: int = doc(4096, "codebook size V of the VQVAE")
+    latent_channels: int = doc(32, "VQVAE latent channels Cv (input features of the token embedding)")
+    patch_nums: tuple[int, ...] = doc((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "token-map side per scale (the VQVAE's)")
+    mlp_ratio: float = doc(4.0, "FFN hidden width / C")
+    drop_path_rate: float = doc(-1.0, "stochastic depth at the last block (linear from 0); < 0 = 0.1 * depth / 24")
+    cond_drop_rate: float = doc(0.1, "probability of replacing a label by the null class in training (for CFG)")
+    attn_l2_norm: bool = doc(True, "L2-normalised q/k with a learned per-head scale (all released models)")
+    shared_aln: bool = doc(False, "one AdaLN linear shared by all blocks plus per-block offsets (VAR-d36-s)")
+    norm_eps: float = doc(1e-6, "LayerNorm epsilon")
+    attn_impl: Literal["sdpa", "flex"] = doc(
+        "sdpa", "teacher-forcing attention kernel: SDPA with the additive block-causal mask, or FlexAttention "
+                "with a block mask (skips fully masked tiles; needs torch.compile to be fast)")
+    init_std: float = doc(-1.0, "std of the truncated-normal init of linears/embeddings; < 0 = sqrt(1 / (3C))")
+    init_head: float = doc(0.02, "multiplier of the head weight after init")
+    init_adaln: float = doc(0.5, "multiplier of the AdaLN scale/shift weights after init")
+    init_adaln_gamma: float = doc(1e-5, "multiplier of the AdaLN gamma weights after init (README: d16 1e-3 ... d30 1e-5)")
+
+    def __post_init__(self) -> None:
+        require(self.depth >= 1, f"depth={self.depth} must be >= 1")
+        require(self.width % self.heads == 0, f"embed_dim={self.width} must be divisible by num_heads={self.heads}")
+        require(self.num_classes >= 1, f"num_classes={self.num_classes} must be >= 1")
+        require(self.vocab_size >= 2, f"vocab_size={self.vocab_size} must be >= 2")
+        require(len(self.patch_nums) >= 1 and all(a < b for a, b in zip(self.patch_nums, self.patch_nums[1:]))
+                and self.patch_nums[0] >= 1, f"patch_nums={self.patch_nums} must be strictly increasing and >= 1")
+        require(self.patch_nums[0] == 1, f"patch_nums={self.patch_nums} must start at 1 (the class token is scale 0)")
+        require(0.0 <= self.cond_drop_rate <= 1.0, f"cond_drop_rate={self.cond_drop_rate} must be in [0, 1]")
+        require(self.attn_impl in ("sdpa", "flex"), f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'flex'")
+
+    @property
+    def width(self) -> int:
+        return self.embed_dim or 64 * self.depth
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads or self.depth
+
+    @property
+    def drop_path(self) -> float:
+        return 0.1 * self.depth / 24 if self.drop_path_rate < 0 else self.drop_path_rate
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(1 / self.width / 3) if self.init_std < 0 else self.init_std
+
+
+def level_index(patch_nums: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """(L,) int64: the scale of every position."""
+    return torch.cat([torch.full((pn * pn,), si, dtype=torch.long, device=device) for si, pn in enumerate(patch_nums)])
+
+
+def block_causal_bias(patch_nums: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """(1, 1, L, L) float32: 0 where level(query) >= level(key), -inf elsewhere (the official mask buffer)."""
+    lvl_L = level_index(patch_nums, device)
+    allowed_LL = lvl_L[:, None] >= lvl_L[None, :]
+    return torch.where(allowed_LL, 0.0, -torch.inf).reshape(1, 1, lvl_L.numel(), lvl_L.numel())
+
+
+class VAR(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, L, std = cfg.width, cfg.num_tokens, cfg.std
+        self.C = self.D = C
+        self.L, self.num_classes, self.V, self.Cv = L, cfg.num_classes, cfg.vocab_size, cfg.latent_channels
+        self.patch_nums = tuple(cfg.patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        # registration order = the official state-dict order
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
+        nn.init.trunc_normal_(self.pos_start, mean=0, std=std)
+        nn.init.trunc_normal_(self.pos_1LC, mean=0, std=std)
+        self.register_buffer("lvl_1L", level_index(self.patch_nums).view(1, L))
+        self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums).contiguous())
+        self.word_embed = nn.Linear(self.Cv, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # row num_classes = the null class (CFG)
+        nn.init.trunc_normal_(self.class_emb.weight, mean=0, std=std)
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
+        nn.init.trunc_normal_(self.lvl_embed.weight, mean=0, std=std)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * C)) if cfg.shared_aln else nn.Identity()
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # official rates, also under meta
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, dpr[i]) for i in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(C, self.D, cfg.norm_eps)
+        self.head = nn.Linear(C, self.V)
+        self._block_masks: dict = {}
+
+    # --- initialisation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official ``VAR.init_weights`` (``build_vae_var`` calls it with init_std=-1)."""
+        cfg, std, C = self.cfg, self.cfg.std, self.C
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+        self.head.weight.mul_(cfg.init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(cfg.init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * cfg.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * cfg.depth))
+            if cfg.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(cfg.init_adaln)
+                block.ada_gss[:, :, :2].mul_(cfg.init_adaln_gamma)
+            else:
+                block.ada_lin[-1].weight[2 * C:].mul_(cfg.init_adaln)
+                block.ada_lin[-1].weight[:2 * C].mul_(cfg.init_adaln_gamma)
+                block.ada_lin[-1].bias.zero_()
+
+    # --- pieces shared by teacher forcing and sampling ------------------------------------------
+
+    def scale_begin_ends(self) -> list[tuple[int, int]]:
+        out, b = [], 0
+        for pn in self.patch_nums:
+            out.append((b, b + pn * pn))
+            b += pn * pn
+        return out
+
+    def lvl_pos(self) -> Tensor:
+        """(1, L, C): level embedding + absolute position embedding of every position."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def sos_tokens(self, cond_BD: Tensor) -> Tensor:
+        """(B, first_l, C): class embedding + pos_start + level/position of scale 0."""
+        B = cond_BD.shape[0]
+        sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+        return sos + self.lvl_pos()[:, :self.first_l]
+
+    def word_tokens(self, x_BlCv: Tensor, begin: int, end: int) -> Tensor:
+        """(B, l, C): embedded features of positions [begin, end) plus their level/position embeddings."""
+        return self.word_embed(x_BlCv.float()) + self.lvl_pos()[:, begin:end]
+
+    def modulation(self, cond_BD: Tensor) -> Tensor:
+        """What the blocks receive as condition: cond_BD, or the shared modulation with shared AdaLN."""
+        return self.shared_ada_lin(cond_BD)
+
+    def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
+        """Blocks on tokens x (fp32 embeddings) in the autocast dtype if any, then the AdaLN head: fp32 logits."""
+        dtype = _autocast_dtype(x_BlC.device.type)
+        x_BlC = x_BlC.to(dtype)
+        cond = self.modulation(cond_BD).to(dtype)
+        for block in self.blocks:
+            x_BlC = block(x_BlC, cond, attn_bias, block_mask)
+        return self.logits(x_BlC, cond_BD)
+
+    def logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
+        return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
+
+    @contextlib.contextmanager
+    def kv_caching(self) -> Iterator[None]:
+        """Within the block every attention layer appends its keys/values; cleared on entry and exit."""
+        for block in self.blocks:
+            block.attn.kv_caching(True)
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.attn.kv_caching(False)
+
+    def _block_mask(self, L: int, device: torch.device):
+        key = (L, str(device))
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            lvl_L = self.lvl_1L[0, :L].to(device)
+
+            def block_causal(b, h, q_idx, kv_idx):
+                return lvl_L[q_idx] >= lvl_L[kv_idx]
+
+            self._block_masks[key] = create_block_mask(block_causal, B=None, H=None, Q_LEN=L, KV_LEN=L,
+                                                       device=device)
+        return self._block_masks[key]
+
+    # --- teacher forcing --------------------------------------------------------------------------
+
+    def forward(self, label_B: Tensor, x_BlCv: Tensor) -> Tensor:
+        """Teacher forcing: labels (B,) int64 and features (B, l - first_l, Cv) -> logits (B, l, V) float32.
+
+        ``x_BlCv`` is the VQVAE's teacher-forcing input (``MultiScaleQuantizer.teacher_forcing_input``),
+        L - 1 rows for the whole pyramid, or fewer rows covering whole scales (progressive training).
+        Position i predicts token i (no shift). Labels become the null class with probability
+        ``cond_drop_rate`` only in train() mode.
+        """
+        B, ed = x_BlCv.shape[0], self.first_l + x_BlCv.shape[1]
+        if ed not in [e for _, e in self.scale_begin_ends()] or x_BlCv.ndim != 3 or x_BlCv.shape[2] != self.Cv:
+            raise ValueError(f"x_BlCv must be (B, l, {self.Cv}) with l + {self.first_l} at the end of a scale "
+                             f"(L - 1 = {self.L - 1} for all scales), got {tuple(x_BlCv.shape)}")
+        with torch.autocast(device_type=x_BlCv.device.type, enabled=False):
+            if self.training and self.cfg.cond_drop_rate > 0:
+                dropped_B = torch.rand(B, device=label_B.device) < self.cfg.cond_drop_rate
+                label_B = torch.where(dropped_B, self.num_classes, label_B)
+            cond_BD = self.class_emb(label_B)
+            # the same association order as the official code: (sos + pos_start) + (lvl_embed + pos_1LC)
+            sos_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+            x_BLC = torch.cat((sos_BlC, self.word_embed(x_BlCv.float())), dim=1) if ed > self.first_l else sos_BlC
+            x_BLC = x_BLC + self.lvl_pos()[:, :ed]
+        if self.cfg.attn_impl == "flex":
+            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(ed, x_BLC.device))
+        return self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed])
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_image(cfg: VARConfig, training: bool = True) -> float:
+    """Matmul FLOPs (multiply-add = 2) of one teacher-forced image; x3 for forward + backward.
+
+    Attention is counted dense over L x L, as a masked dense kernel computes it (var_reference §7:
+    d16 = 310 GFLOP forward, 930 GFLOP training).
+    """
+    C, L, V, depth = cfg.width, cfg.num_tokens, cfg.vocab_size, cfg.depth
+    hidden = round(C * cfg.mlp_ratio)
+    per_token_block = 2 * (3 * C * C + C * C + 2 * C * hidden)  # qkv, proj, fc1, fc2
+    attention = 4 * L * L * C * depth  # q k^T and attn v
+    head = 2 * C * V * L
+    adaln = (2 * C * 6 * C) * (1 if cfg.shared_aln else depth) + 2 * C * 2 * C  # once per image
+    word_embed = 2 * cfg.latent_channels * C * (L - 1)
+    forward = per_token_block * L * depth + attention + head + adaln + word_embed
+    return float(3 * forward if training else forward)
+
+
+def num_params(cfg: VARConfig) -> int:
+    """Parameter count without building the model."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VAR(cfg).parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets
+
+_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+_PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+VAR_PRESETS: dict[str, VARConfig] = {
+    # README training commands: init_adaln_gamma (alng) per size
+    "d16": VARConfig(depth=16, init_adaln_gamma=1e-3),
+    "d20": VARConfig(depth=20, init_adaln_gamma=1e-3),
+    "d24": VARConfig(depth=24, init_adaln_gamma=1e-4),
+    "d30": VARConfig(depth=30, init_adaln_gamma=1e-5),
+    # VAR-d36-s: 512 px, shared AdaLN
+    "d36": VARConfig(depth=36, patch_nums=_PATCH_NUMS_512, shared_aln=True, init_adaln_gamma=5e-6),
+    # tests/golden: the official constructor with tiny sizes (pairs with VQVAE preset "golden_tiny")
+    "golden_tiny": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, latent_channels=8,
+                             patch_nums=(1, 2, 3, 4), drop_path_rate=0.0),
+    # unit tests: smallest thing that exercises every code path
+    "debug": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=32, latent_channels=8,
+                       patch_nums=(1, 2, 3), drop_path_rate=0.0, init_adaln_gamma=1e-3),
+    # the built-in demo dataset (10 classes), pairs with VQVAE preset "demo" (V=512, Cv=16, L=130); trains on CPU
+    "demo": VARConfig(depth=4, embed_dim=192, num_heads=3, num_classes=10, vocab_size=512, latent_channels=16,
+                      patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0, init_adaln_gamma=1e-3),
+}
+
+
+def build_var(preset_or_cfg: str | VARConfig, *, init: bool = True, **overrides) -> VAR:
+    """A VAR from a preset name or config (plus field overrides), initialised as the official ``init_weights``.
+
+    Build under ``torch.device("meta")`` for shapes only (init is skipped there).
+    """
+    if isinstance(preset_or_cfg, str):
+        if preset_or_cfg not in VAR_PRESETS:
+            raise ValueError(f"unknown VAR preset {preset_or_cfg!r}; choose one of {', '.join(VAR_PRESETS)}")
+        cfg = VAR_PRESETS[preset_or_cfg]
+    else:
+        cfg = preset_or_cfg
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    model = VAR(cfg)
+    if init and model.pos_start.device.type != "meta":
+        model.init_weights()
+    return model
