@@ -205,7 +205,7 @@ class VARConfig:
     norm_eps: float = doc(1e-6, "LayerNorm epsilon")
     attn_impl: Literal["sdpa", "flex"] = doc(
         "sdpa", "teacher-forcing attention kernel: SDPA with the additive block-causal mask, or FlexAttention "
-                "with a block mask (skips fully masked tiles; needs torch.compile to be fast)")
+                "with a block mask (GPU + torch.compile; CPU training falls back to SDPA: no CPU backward)")
     init_std: float = doc(-1.0, "std of the truncated-normal init of linears/embeddings; < 0 = sqrt(1 / (3C))")
     init_head: float = doc(0.02, "multiplier of the head weight after init")
     init_adaln: float = doc(0.5, "multiplier of the AdaLN scale/shift weights after init")
@@ -398,7 +398,8 @@ class VAR(nn.Module):
             sos_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos_BlC, self.word_embed(x_BlCv.float())), dim=1) if ed > self.first_l else sos_BlC
             x_BLC = x_BLC + self.lvl_pos()[:, :ed]
-        if self.cfg.attn_impl == "flex":
+        # FlexAttention has no CPU backward (torch 2.14): CPU training takes the SDPA path
+        if self.cfg.attn_impl == "flex" and (x_BLC.device.type != "cpu" or not torch.is_grad_enabled()):
             return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(ed, x_BLC.device))
         return self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed])
 

@@ -1,0 +1,163 @@
+"""Scale-by-scale sampling with classifier-free guidance (the official ``VAR.autoregressive_infer_cfg``).
+
+Per scale: one KV-cached pass over the scale's tokens for a 2B batch (conditional rows first, null class
+last), guidance t = cfg * si / (S - 1) applied as (1 + t) cond - t null, top-k then top-p filtering,
+one ``torch.multinomial`` draw per token from the (B * pn^2, V) probability matrix with the caller's
+generator, then the VQVAE's f_hat update gives the next scale's input (fed to both CFG halves).
+With the same generator state this consumes random numbers exactly as the official sampler does.
+
+Zero-shot editing (VAR paper §7): tokens given by ``known_codes_BL`` where ``known_mask_BL`` is true
+replace the sampled ones at every scale, so the model only generates the rest (inpainting: known
+outside the hole; outpainting: known inside; class-conditional editing: a new label for the hole).
+
+Shape legend: B images, L tokens of all scales, l tokens of one scale, V vocabulary, Cv latent channels,
+pn side of a scale's token map, H W image size; codes_BL int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nextscale.prior.model import VAR
+
+
+def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int, top_p: float) -> Tensor:
+    """In place: -inf below the k-th largest logit (ties kept), then outside the top-p nucleus.
+
+    top-p as the official code: sort ascending, drop tokens whose cumulative softmax mass is <= 1 - top_p,
+    never the most likely one. top_k <= 0 or top_p <= 0 disables that filter.
+    """
+    V = logits_BlV.shape[-1]
+    if top_k > 0:
+        kth_Bl1 = logits_BlV.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_remove[..., -1:] = False
+        logits_BlV.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
+    return logits_BlV
+
+
+def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """Soft Gumbel-softmax drawing its noise from ``generator`` (the official ``gumbel_softmax_with_rng``)."""
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
+        generator=generator).log()
+    return ((logits + gumbels) / tau).softmax(-1)
+
+
+def _check_known(known_codes_BL: Tensor | None, known_mask_BL: Tensor | None, B: int, L: int, V: int):
+    if known_codes_BL is None and known_mask_BL is None:
+        return None, None
+    if known_codes_BL is None or known_mask_BL is None:
+        raise ValueError("zero-shot editing needs both known_codes_BL and known_mask_BL")
+    if tuple(known_codes_BL.shape) != (B, L) or tuple(known_mask_BL.shape) != (B, L):
+        raise ValueError(f"known_codes_BL and known_mask_BL must be ({B}, {L}), got "
+                         f"{tuple(known_codes_BL.shape)} and {tuple(known_mask_BL.shape)}")
+    known_mask_BL = known_mask_BL.bool()
+    forced = known_codes_BL[known_mask_BL]
+    if forced.numel() and (int(forced.min()) < 0 or int(forced.max()) >= V):
+        raise ValueError(f"known codes must be in [0, {V}) where known_mask_BL is true")
+    return known_codes_BL.long(), known_mask_BL
+
+
+@torch.no_grad()
+def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Generator, cfg: float = 1.5,
+                 top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
+                 known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None,
+                 autocast: bool | None = None, record: dict[str, list[Tensor]] | None = None) -> Tensor:
+    """Sample codes (B, L) int64 for class labels (B,) (the null class ``var.num_classes`` = unconditional).
+
+    ``quantizer`` is the VQVAE's ``MultiScaleQuantizer`` (codebook, Phi convs and f_hat update).
+    ``generator`` must live on the model's device; it is the only source of randomness (the global
+    torch RNG is untouched). ``more_smooth`` feeds a Gumbel-softmax mixture of codes instead of the
+    drawn code into f_hat (for pictures, never for FID); the returned codes are the drawn ones and the
+    smooth f_hat is in ``record["f_hat"]``. ``autocast`` (default: on for CUDA) runs the blocks in bf16.
+    ``record``, if given, receives per scale "logits_raw" (2B, l, V), "logits_guided" and
+    "logits_filtered" (B, l, V) float32, and the final "f_hat" (B, Cv, h, w).
+    """
+    device = var.pos_start.device
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}: "
+                         f"use torch.Generator(device={device.type!r})")
+    patch_nums, S, V, Cv = var.patch_nums, len(var.patch_nums), var.V, var.Cv
+    if tuple(quantizer.patch_nums) != tuple(patch_nums) or quantizer.Cv != Cv or quantizer.vocab_size != V:
+        raise ValueError(f"the quantizer (patch_nums {tuple(quantizer.patch_nums)}, Cv {quantizer.Cv}, "
+                         f"V {quantizer.vocab_size}) does not match the VAR (patch_nums {patch_nums}, Cv {Cv}, V {V})")
+    label_B = torch.as_tensor(label_B, device=device).long().view(-1)
+    B = label_B.shape[0]
+    known_codes_BL, known_mask_BL = _check_known(known_codes_BL, known_mask_BL, B, var.L, V)
+    if known_codes_BL is not None:
+        known_codes_BL, known_mask_BL = known_codes_BL.to(device), known_mask_BL.to(device)
+    use_amp = device.type == "cuda" if autocast is None else autocast
+    begin_ends = var.scale_begin_ends()
+    codebook = quantizer.embedding
+
+    with torch.autocast(device_type=device.type, enabled=False):
+        cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
+        next_BlC = var.sos_tokens(cond_BD)
+    f_hat = torch.zeros(B, Cv, patch_nums[-1], patch_nums[-1], device=device)
+    idx_list: list[Tensor] = []
+    with var.kv_caching():
+        for si, pn in enumerate(patch_nums):
+            ratio = si / (S - 1) if S > 1 else 0.0
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits_2BlV = var.run_blocks(next_BlC, cond_BD, attn_bias=None)
+            t = cfg * ratio
+            guided_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            filtered_BlV = top_k_top_p_filter_(guided_BlV.clone() if record is not None else guided_BlV,
+                                               top_k, top_p)
+            probs_NV = filtered_BlV.softmax(dim=-1).view(-1, V)
+            idx_Bl = torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, -1)
+            b, e = begin_ends[si]
+            if known_codes_BL is not None:
+                idx_Bl = torch.where(known_mask_BL[:, b:e], known_codes_BL[:, b:e], idx_Bl)
+            idx_list.append(idx_Bl)
+            if record is not None:
+                record.setdefault("logits_raw", []).append(logits_2BlV)
+                record.setdefault("logits_guided", []).append(guided_BlV)
+                record.setdefault("logits_filtered", []).append(filtered_BlV)
+
+            if more_smooth:
+                tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # MaskGIT-style annealing, as the official code
+                h_BlCv = gumbel_softmax(filtered_BlV.mul(1 + ratio), tau, generator) @ codebook.weight.unsqueeze(0)
+                if known_codes_BL is not None:
+                    h_BlCv = torch.where(known_mask_BL[:, b:e, None], codebook(idx_Bl), h_BlCv)
+            else:
+                h_BlCv = codebook(idx_Bl)
+            # the official (B, Cv, pn, pn) view of (B, l, Cv): a transpose, not a copy (Phi sees the same layout)
+            h_BChw = h_BlCv.transpose(1, 2).reshape(B, Cv, pn, pn)
+            f_hat, next_BCvhw = quantizer.next_autoregressive_input(si, f_hat, h_BChw)
+            if si < S - 1:
+                nb, ne = begin_ends[si + 1]
+                with torch.autocast(device_type=device.type, enabled=False):
+                    next_BlC = var.word_tokens(next_BCvhw.reshape(B, Cv, -1).transpose(1, 2), nb, ne).repeat(2, 1, 1)
+    if record is not None:
+        record["f_hat"] = [f_hat]
+    return torch.cat(idx_list, dim=1)
+
+
+@torch.no_grad()
+def sample_images(var: VAR, vqvae, label_B: Tensor, *, generator: torch.Generator, **kwargs) -> Tensor:
+    """Sampled images (B, 3, H, W) in [0, 1] (decoded from the sampler's f_hat, so ``more_smooth`` counts).
+
+    ``kwargs`` are those of :func:`sample_codes`. The official sampler returns the same range.
+    """
+    record: dict[str, list[Tensor]] = kwargs.pop("record", None) or {}
+    sample_codes(var, vqvae.quantize, label_B, generator=generator, record=record, **kwargs)
+    return vqvae.fhat_to_img(record["f_hat"][0]).add(1).mul(0.5)
+
+
+def known_mask_from_pixels(keep_BHW: Tensor, patch_nums: Sequence[int], threshold: float = 0.5) -> Tensor:
+    """Token mask (B, L) bool for editing: a token is known where more than ``threshold`` of its area is kept.
+
+    ``keep_BHW`` is 1 where the given image must be kept (e.g. outside an inpainting hole), at any
+    resolution; each scale's pn x pn grid averages it by area.
+    """
+    keep_B1HW = keep_BHW.float().unsqueeze(1)
+    masks = [F.adaptive_avg_pool2d(keep_B1HW, (pn, pn)).flatten(1) > threshold for pn in patch_nums]
+    return torch.cat(masks, dim=1)
