@@ -61,6 +61,11 @@ def config_reference() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["submit"]:  # its own parser: options may come anywhere among the overrides
+        from nextscale.pipelines.submit import main as submit_main
+
+        setup_logging()
+        return submit_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="nextscale",
         description="VAR-style next-scale image generation on Ray: tokenize -> train-prior -> fid.",
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-h", "--help", action="store_true")
         p.add_argument("args", nargs="*", help="[CONFIG.yaml] key.sub=value ...")
     sub.add_parser("config-docs", help="print the Markdown config reference (docs/configs.md)")
+    sub.add_parser("submit", help="run a stage on the Ray cluster in $RAY_ADDRESS through the job API")
     p = sub.add_parser("make-demo-data", help="write the built-in demo dataset")
     p.add_argument("out", help="output folder (an ImageFolder with train/ and val/ splits)")
     args = parser.parse_args(argv)
