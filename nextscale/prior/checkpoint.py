@@ -1,0 +1,104 @@
+"""Complete training checkpoints: everything needed to continue bit for bit.
+
+One file ``state.pt`` in a local folder (the TrainContext persists the folder): the model's state dict
+taken from the unwrapped module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare VAR),
+EMA weights if any, optimizer, GradScaler, step, epoch, every rank's loader position and RNG states
+(CPU, CUDA, numpy, python), the metric history and the resolved config. With FSDP the model and
+optimizer states are gathered to full (unsharded) tensors, so a checkpoint loads under any strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+STATE_FILE = "state.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for FSDP2 (DTensor parameters) or FSDP1-wrapped models."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full state dicts of the unwrapped model and its optimizer (collective under FSDP)."""
+    model = unwrap_model(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                                   model_sd: dict, optim_sd: dict | None) -> None:
+    model = unwrap_model(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(model_sd, strict=True)
+    if optimizer is not None and optim_sd is not None:
+        optimizer.load_state_dict(optim_sd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_from_ranks(obj: Any, world_size: int) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (a collective when distributed)."""
+    if world_size > 1 and tdist.is_available() and tdist.is_initialized():
+        out: list[Any] = [None] * world_size
+        tdist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def save(directory: str, state: dict[str, Any]) -> str:
+    """Write ``state`` to ``{directory}/state.pt``; returns the file path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, STATE_FILE)
+    torch.save(state, path)
+    return path
+
+
+def load(directory: str) -> dict[str, Any]:
+    """The state saved by :func:`save`, tensors on the CPU."""
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {directory} is not a nextscale prior checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=False)

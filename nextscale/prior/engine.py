@@ -1,0 +1,401 @@
+"""VAR prior training loop on pretokenized codes (plain PyTorch; run in-process or by the Ray Train launcher).
+
+One step (var_reference §4.1 minus the VQVAE encode): codes (B, L) and labels from the code loader;
+the teacher-forcing input x_BlCv built from the codes by the tokenizer's quantizer (codebook + Phi
+convs only, fp32, no encoder); logits under autocast; uniform per-token cross-entropy; backward
+(GradScaler for fp16); global-norm clip; AdamW step with the official lr / wd schedules.
+Checkpoints go through ``ctx.report(metrics, checkpoint_dir)``; ``ctx.restore()`` resumes bit for bit.
+The end writes ``{output}/prior.pt`` ({"config": VARConfig, "state_dict": ...}), ``metrics.jsonl``,
+``config.yaml`` and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from nextscale import storage
+from nextscale.config import dump_yaml, to_dict
+from nextscale.logs import WandbRun
+from nextscale.prior import checkpoint
+from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
+from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
+from nextscale.prior.optim import Schedule, build_optimizer
+from nextscale.runtime import TrainContext
+from nextscale.tokenize.scales import scale_slices, split_codes
+from nextscale.tokenize.vqvae import MultiScaleQuantizer, VQVAEConfig
+
+log = logging.getLogger(__name__)
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU
+PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                    "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
+
+
+def run_id(output: str, kind: str = "prior") -> str:
+    """A stable id for the ``kind`` run writing to ``output`` (Ray run name, wandb id): a rerun finds the same one."""
+    return f"{kind}-" + hashlib.sha1(storage.filesystem(output)[1].encode()).hexdigest()[:10]
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one device for the training precision, or 0 where unknown (CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS_16BIT.items():
+        if key in name:
+            return flops if precision in ("bf16", "fp16") else flops / 2  # fp32 matmuls run as TF32
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def tokenizer_url(cfg: PriorTrainConfig, manifest: dict) -> str:
+    """``data.tokenizer_url``, else the tokenizer checkpoint recorded in the codes' manifest."""
+    if cfg.data.tokenizer_url:
+        return cfg.data.tokenizer_url
+    tok = manifest.get("tokenizer") or {}
+    for key in ("url", "checkpoint_url", "checkpoint", "path"):
+        if isinstance(tok, dict) and isinstance(tok.get(key), str) and tok[key]:
+            return tok[key]
+    raise ValueError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to the "
+                     "tokenizer.pt (or official .pth) the codes were made with")
+
+
+def load_quantizer(url: str, preset: str, device: torch.device) -> tuple[MultiScaleQuantizer, VQVAEConfig]:
+    """Only the codebook + Phi convs of a tokenizer (the encoder/decoder are dropped at once), frozen."""
+    from nextscale.tokenize.convert import load_tokenizer
+
+    vqvae = load_tokenizer(url, preset)
+    quantizer = vqvae.quantize.to(device).eval().requires_grad_(False)
+    return quantizer, vqvae.cfg
+
+
+def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: dict) -> VARConfig:
+    """The preset + overrides, with vocabulary, latent channels and scales taken from the tokenizer."""
+    from_tok = {"vocab_size": vq_cfg.vocab_size, "latent_channels": vq_cfg.z_channels,
+                "patch_nums": tuple(vq_cfg.patch_nums)}
+    for key in TOKENIZER_FIELDS:
+        if key in cfg.model.overrides and to_dict(cfg.model.overrides[key]) != to_dict(from_tok[key]):
+            raise ValueError(f"model.overrides.{key}={cfg.model.overrides[key]} disagrees with the tokenizer's "
+                             f"{from_tok[key]}; drop the override (it is taken from the tokenizer)")
+    var_cfg = cfg.model.var_config(**from_tok)
+    classes = manifest.get("num_classes") or len(manifest.get("classes") or [])
+    if classes and classes > var_cfg.num_classes:
+        raise ValueError(f"the codes hold {classes} classes but the model has num_classes={var_cfg.num_classes}; "
+                         f"set model.overrides.num_classes={classes}")
+    return var_cfg
+
+
+def num_samples(manifest: dict) -> int:
+    for key in ("num_samples", "num_accepted", "samples"):
+        if isinstance(manifest.get(key), int):
+            return manifest[key]
+    per_shard = manifest.get("samples_per_shard") or manifest.get("shards")
+    if isinstance(per_shard, list):
+        return sum(s if isinstance(s, int) else int(s.get("num_samples", 0)) for s in per_shard)
+    raise ValueError("the manifest has no sample count; set steps instead of epochs")
+
+
+class Batches:
+    """Endless (codes, labels) from one CodeLoader per epoch; its position is part of the checkpoint."""
+
+    def __init__(self, cfg: PriorTrainConfig, rank: int, world_size: int, epoch: int = 0,
+                 loader_state: dict | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.epoch = epoch
+        self.loader = self._make(epoch)
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        self._it: Iterator | None = None
+
+    def _make(self, epoch: int):
+        from nextscale.prior.data import CodeLoader
+
+        d = self.cfg.data
+        return CodeLoader(d.url, batch_size=d.batch_size // self.world_size, rank=self.rank,
+                          world_size=self.world_size, num_workers=d.num_workers, seed=d.seed,
+                          shuffle_buffer=d.shuffle_buffer, epoch=epoch)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self.loader, self._it = self._make(self.epoch), None
+        raise ValueError(f"rank {self.rank} got no batch from {self.cfg.data.url}: fewer samples than "
+                         f"data.batch_size / num_workers = {self.cfg.data.batch_size // self.world_size}")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+
+def active_scales(step: int, total_steps: int, num_scales: int, fraction: float, start: int) -> int:
+    """Progressive training: scales in use at ``step`` (all of them when ``fraction`` is 0)."""
+    if fraction <= 0:
+        return num_scales
+    grow_steps = max(1, round(fraction * total_steps))
+    return min(num_scales, start + math.floor((num_scales - start + 1) * step / grow_steps))
+
+
+def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: torch.Tensor, label_B: torch.Tensor,
+              patch_nums: tuple[int, ...], scales: int, amp_dtype: torch.dtype | None,
+              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-token CE, logits (B, l, V)) of one teacher-forced batch over the first ``scales`` scales."""
+    with torch.no_grad():
+        x_BlCv = quantizer.teacher_forcing_input(split_codes(codes_BL, patch_nums))
+    end = scale_slices(patch_nums)[scales - 1][1]
+    target_Bl = codes_BL[:, :end]
+    x_BlCv = x_BlCv[:, : end - patch_nums[0] ** 2]
+    with torch.autocast(device_type=codes_BL.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits_BlV = net(label_B, x_BlCv)
+    loss = F.cross_entropy(logits_BlV.reshape(-1, logits_BlV.shape[-1]), target_Bl.reshape(-1),
+                           label_smoothing=label_smoothing)
+    return loss, logits_BlV
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
+    """Train (or resume) the prior described by ``cfg``; returns a JSON-able summary (rank 0's is complete)."""
+    from nextscale.prior.data import check_manifest, read_manifest
+
+    t_start = time.time()
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
+
+    manifest = read_manifest(cfg.data.url)
+    tok_url = tokenizer_url(cfg, manifest)
+    quantizer, vq_cfg = load_quantizer(tok_url, cfg.data.tokenizer_preset, device)
+    check_manifest(manifest, vq_cfg)
+    var_cfg = resolve_var_config(cfg, vq_cfg, manifest)
+    patch_nums = tuple(var_cfg.patch_nums)
+
+    global_batch = cfg.data.batch_size
+    if cfg.steps:
+        total_steps = cfg.steps
+        steps_per_epoch = max(1, num_samples(manifest) // global_batch) if _has_count(manifest) else 0
+    else:
+        steps_per_epoch = max(1, math.ceil(num_samples(manifest) / global_batch))
+        total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    o = cfg.optim
+    if o.warmup_steps >= 0:
+        warmup = o.warmup_steps
+    elif o.warmup_epochs >= 0 and steps_per_epoch:
+        warmup = round(o.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = round(total_steps / 50)
+    schedule = Schedule(peak_lr=o.peak_lr(global_batch), warmup_steps=min(warmup, total_steps), total_steps=total_steps,
+                        start_ratio=o.warmup_start_ratio, final_ratio=o.final_lr_ratio, kind=o.schedule,
+                        wd=o.weight_decay, wd_end=o.wd_end)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_var(var_cfg).to(device).train()
+    net = ctx.wrap_model(model)
+    optimizer = build_optimizer(model, lr=schedule.peak_lr, betas=o.betas, eps=o.eps, fused=o.fused)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000,
+                                  enabled=amp_dtype is torch.float16)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    step, history, epoch, loader_state = 0, [], 0, None
+    restore_dir = ctx.restore()
+    torch.manual_seed(cfg.seed + 1 + rank)  # condition dropout / drop path differ per rank
+    if restore_dir:
+        state = checkpoint.load(restore_dir)
+        if state["world_size"] != world:
+            raise ValueError(f"the checkpoint in {restore_dir} was written by {state['world_size']} workers; "
+                             f"resume with num_workers={state['world_size']} (data positions are per worker)")
+        checkpoint.load_model_and_optimizer_state(model, optimizer, state["model"], state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, history = state["step"], state["history"]
+        epoch, loader_state = state["batches"][rank]["epoch"], state["batches"][rank]["loader"]
+        checkpoint.set_rng_state(state["rng"][rank])
+        log.info("resumed prior training at step %d of %d", step, total_steps)
+    batches = Batches(cfg, rank, world, epoch, loader_state)
+    start_step = step
+
+    if rank == 0:
+        storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
+    n_params = num_params(var_cfg)
+    flops = flops_per_image(var_cfg)
+    peak = peak_flops(device, cfg.precision)
+    wandb = WandbRun(cfg.wandb, run_id=run_id(cfg.output), config=cfg, rank=rank)
+    log.info("VAR %s: %.1f M parameters, %.1f GFLOP per image (fwd+bwd), L=%d; %d steps of %d images on %d "
+             "worker(s) from step %d; peak lr %.2e, warm-up %d steps", cfg.model.preset, n_params / 1e6, flops / 1e9,
+             var_cfg.num_tokens, total_steps, global_batch, world, step, schedule.peak_lr, schedule.warmup_steps)
+
+    loss_sum = torch.zeros((), device=device)
+    n_window, t_window, t_train, metrics = 0, time.perf_counter(), 0.0, {}
+    grad_norm = torch.zeros((), device=device)
+    while step < total_steps:
+        codes_BL, label_B = next(batches)
+        codes_BL = codes_BL.to(device, non_blocking=True).long()
+        label_B = label_B.to(device, non_blocking=True).long()
+        scales = active_scales(step, total_steps, len(patch_nums), cfg.progressive.fraction,
+                               cfg.progressive.start_scales)
+        lr, wd = schedule.apply(optimizer, step)
+        loss, logits_BlV = step_loss(net, quantizer, codes_BL, label_B, patch_nums, scales, amp_dtype,
+                                     o.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() > 32768.0:
+            scaler.update(32768.0)  # the official cap of the fp16 loss scale
+        step += 1
+        loss_sum += loss.detach()
+        n_window += 1
+
+        is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
+        if step % cfg.log_every == 0 or is_ckpt:
+            metrics = _window_metrics(loss_sum, n_window, logits_BlV, codes_BL, patch_nums, scales, world)
+            dt = time.perf_counter() - t_window
+            t_train += dt
+            img_s = n_window * global_batch / max(dt, 1e-9)
+            metrics.update(step=step, epoch=(step / steps_per_epoch) if steps_per_epoch else batches.epoch,
+                           lr=lr, wd=wd, grad_norm=float(grad_norm), scales=scales, img_per_s=img_s,
+                           tokens_per_s=img_s * var_cfg.num_tokens,
+                           mfu=flops * img_s / (peak * world) if peak else float("nan"))
+            history.append(metrics)
+            log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s", step,
+                     total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], lr,
+                     metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "")
+            wandb.log(metrics, step=step)
+            loss_sum.zero_()
+            n_window = 0
+            if is_ckpt:
+                _checkpoint(ctx, cfg, var_cfg, model, optimizer, scaler, step, batches, history, metrics, tok_url)
+            else:
+                ctx.report(metrics)
+            t_window = time.perf_counter()
+
+    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tok_url, n_params, flops)
+    wandb.finish()
+    return summary
+
+
+def _has_count(manifest: dict) -> bool:
+    try:
+        num_samples(manifest)
+        return True
+    except ValueError:
+        return False
+
+
+def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, codes_BL: torch.Tensor,
+                    patch_nums: tuple[int, ...], scales: int, world: int) -> dict[str, float]:
+    """Mean loss over the window and token accuracy of the first / last active scale on the last batch,
+    averaged over ranks."""
+    with torch.no_grad():
+        slices = scale_slices(patch_nums)
+        (b0, e0), (b1, e1) = slices[0], slices[scales - 1]
+        pred_Bl = logits_BlV.argmax(-1)
+        acc_first = (pred_Bl[:, b0:e0] == codes_BL[:, b0:e0]).float().mean()
+        acc_last = (pred_Bl[:, b1:e1] == codes_BL[:, b1:e1]).float().mean()
+        vals = torch.stack([loss_sum / n, acc_first, acc_last])
+        if world > 1 and tdist.is_available() and tdist.is_initialized():
+            tdist.all_reduce(vals)
+            vals = vals / world
+        loss, a0, a1 = vals.tolist()
+    return {"loss": loss, "acc_first": a0, "acc_last": a1}
+
+
+def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, model: VAR,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, batches: Batches,
+                history: list[dict], metrics: dict, tok_url: str) -> None:
+    # collectives first (every rank): RNG and data positions of all ranks, full state dicts under FSDP
+    rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)
+    positions = checkpoint.gather_from_ranks(batches.state_dict(), ctx.world_size)
+    sharded = checkpoint.is_sharded(model)
+    model_sd = optim_sd = None
+    if sharded or ctx.rank == 0:
+        model_sd, optim_sd = checkpoint.model_and_optimizer_state(model, optimizer)
+    if ctx.rank != 0:
+        ctx.report(metrics)
+        return
+    tmp = tempfile.mkdtemp(prefix="nextscale-prior-ckpt-")
+    try:
+        checkpoint.save(tmp, {
+            "model": model_sd, "ema": None, "optimizer": optim_sd, "scaler": scaler.state_dict(), "step": step,
+            "batches": positions, "rng": rngs, "world_size": ctx.world_size, "history": history,
+            "var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer_url": tok_url,
+        })
+        _write_metrics(cfg.output, history)
+        ctx.report(metrics, checkpoint_dir=tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_metrics(output: str, history: list[dict]) -> None:
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
+
+
+def save_prior(url: str, model: VAR, **extra: Any) -> None:
+    """``{"config": VARConfig as a dict, "state_dict": ...}`` (+ extra keys) written atomically to ``url``."""
+    buf = io.BytesIO()
+    state_dict = {k: v.detach().cpu() for k, v in checkpoint.unwrap_model(model).state_dict().items()}
+    torch.save({"config": to_dict(model.cfg), "state_dict": state_dict, **extra}, buf)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model: VAR, history: list[dict],
+            step: int, start_step: int, t_train: float, t_start: float, tok_url: str, n_params: int,
+            flops: float) -> dict:
+    trained = step - start_step
+    img_s = trained * cfg.data.batch_size / t_train if trained and t_train > 0 else float("nan")
+    summary = {
+        "steps": step, "steps_trained": trained, "final_loss": history[-1]["loss"] if history else float("nan"),
+        "final_acc_last": history[-1]["acc_last"] if history else float("nan"),
+        "img_per_s": img_s, "tokens_per_s": img_s * var_cfg.num_tokens,
+        "mfu": history[-1].get("mfu", float("nan")) if history else float("nan"),
+        "num_params": n_params, "gflops_per_image": flops / 1e9, "workers": ctx.world_size,
+        "minutes": (time.time() - t_start) / 60, "output": cfg.output,
+        "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
+    }
+    if ctx.rank == 0:
+        save_prior(summary["prior_url"], model, tokenizer_url=tok_url, step=step)
+        _write_metrics(cfg.output, history)
+        storage.write_text(storage.join(cfg.output, "train_summary.json"), json.dumps(summary, indent=1))
+        log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
+                 "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s, summary["final_loss"],
+                 summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])
+    return summary
+
+
+def load_prior(url: str) -> VAR:
+    """The VAR in a ``prior.pt`` written by :func:`save_prior`, in eval mode."""
+    from nextscale.config import from_dict
+
+    obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
+    var_cfg = from_dict(VARConfig, obj["config"], prefix="config.")
+    model = VAR(var_cfg)
+    model.load_state_dict(obj["state_dict"], strict=True)
+    return model.eval()
+
