@@ -100,7 +100,7 @@ def test_demo_preset_pairs_with_the_demo_tokenizer():
 
 def test_init_weights_follows_the_official_rule():
     torch.manual_seed(0)
-    var = build_var("demo")  # C=192, depth 4, init_adaln_gamma 1e-3
+    var = build_var("demo", embed_dim=192)  # C=192, depth 4, init_adaln_gamma 1e-3
     std, C = (1 / 192 / 3) ** 0.5, 192
     w = var.blocks[0].ada_lin[1].weight
     assert w[:2 * C].std().item() == pytest.approx(std * 1e-3, rel=0.05)

@@ -103,7 +103,7 @@ def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     device = state_dict["pos_start"].device
     _warn_on_unexpected_buffers(state_dict, model)
     # derived buffers come from the config, not the file
-    for name, buf in model.named_buffers():
+    for name, _ in model.named_buffers():
         state_dict[name] = _derived_buffer(model, name, device)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
