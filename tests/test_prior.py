@@ -253,6 +253,14 @@ def test_same_seed_same_codes(debug_var):
     assert int(run[0].min()) >= 0 and int(run[0].max()) < debug_var.V
 
 
+def test_bf16_sampling_runs_and_mostly_agrees_with_fp32(debug_var):
+    quant, labels = debug_quantizer(debug_var), torch.arange(8)
+    codes = [sample_codes(debug_var, quant, labels, generator=torch.Generator().manual_seed(1), autocast=amp)
+             for amp in (False, True)]
+    assert codes[1].shape == codes[0].shape and int(codes[1].max()) < debug_var.V
+    assert torch.equal(codes[1][:, :1], codes[0][:, :1])  # same draws; bf16 rounding does not flip scale 0 here
+
+
 def test_sampler_leaves_the_global_rng_alone(debug_var):
     quant = debug_quantizer(debug_var)
     state = torch.get_rng_state()
