@@ -89,8 +89,9 @@ def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
                       preset: str | VARConfig = "d16") -> VAR:
     """Build ``preset`` and load an official VAR state dict (path, URL or mapping) strictly, in eval mode.
 
-    Parameters take the checkpoint's device and are cast to float32 (a state dict of meta tensors
-    gives a meta model: a free shape check). Gradients stay enabled, so the result can be fine-tuned.
+    The model takes the checkpoint's tensors without a copy (cast to float32 where they are not), on
+    their device; a state dict of meta tensors gives a meta model, a free shape check. Gradients stay
+    enabled, so the result can be fine-tuned.
     """
     if isinstance(path_or_state_dict, Mapping):
         state_dict = unwrap_state_dict(path_or_state_dict)
@@ -101,7 +102,7 @@ def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     check_state_dict(state_dict, model, preset if isinstance(preset, str) else "")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     device = state_dict["pos_start"].device
-    _warn_on_unexpected_buffers(state_dict, model)
+    _warn_on_foreign_layout(state_dict, model)
     # derived buffers come from the config, not the file
     for name, _ in model.named_buffers():
         state_dict[name] = _derived_buffer(model, name, device)
@@ -120,7 +121,7 @@ def _derived_buffer(model: VAR, name: str, device: torch.device) -> Tensor:
     raise AssertionError(f"unknown buffer {name}")
 
 
-def _warn_on_unexpected_buffers(state_dict: Mapping[str, Tensor], model: VAR) -> None:
+def _warn_on_foreign_layout(state_dict: Mapping[str, Tensor], model: VAR) -> None:
     lvl = state_dict["lvl_1L"]
     if lvl.device.type == "meta":
         return
