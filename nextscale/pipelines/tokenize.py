@@ -1,0 +1,528 @@
+"""``nextscale tokenize``: a Ray Data job turning images into multi-scale VQVAE code shards.
+
+    list inputs (driver, sorted)  ->  shard tasks (one per output shard; finished shards skipped)
+      -> read + decode + K views      map_batches, CPU tasks, one per shard, emitting fixed chunks
+      -> encode                       map_batches(ShardChunkEncoder), ActorPoolStrategy, GPU when present
+      -> driver: assemble each shard in item order, write it atomically + its parts/*.json record
+      -> index.parquet, config.yaml, manifest.json (last)
+
+Determinism: items are listed in sorted order and assigned to shards by position; crops derive from
+(seed, key, view); the encoder sees fixed chunks of consecutive items (``batch_size // views`` per call),
+so batch composition — and with it every float of the encoder — is the same in every run. A rerun skips
+shards whose tar and record exist and match; a killed job rerun ends byte-identical to an uninterrupted one.
+Workers only touch URLs (object storage or shared disks); the tokenizer travels through the object store.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray
+
+from nextscale import storage
+from nextscale.config import RayConfig, dump_yaml
+from nextscale.pipelines.common import init_ray
+from nextscale.tokenize import shards as sh
+from nextscale.tokenize.encode import CodeEncoder, load_job_tokenizer
+from nextscale.tokenize.job_config import TokenizeConfig
+from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_views
+
+log = logging.getLogger(__name__)
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class InputError(ValueError):
+    """The job's input or output cannot be used; the message names the location and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing (driver)
+
+
+def resolve_format(url: str, fmt: str) -> str:
+    """``fmt``, or for "auto": webdataset when ``url`` names tars (or a folder of tars only), else imagefolder."""
+    if fmt != "auto":
+        return fmt
+    first = url.split(",")[0].strip()
+    if first.endswith(".tar") or "{" in first or any(c in first for c in "*?["):
+        return "webdataset"
+    fs, path = storage.filesystem(first)
+    if not fs.exists(path):
+        raise InputError(f"input {first!r} does not exist; give an ImageFolder root or webdataset tars")
+    entries = fs.ls(path, detail=True)
+    tars = [e for e in entries if e["name"].endswith(".tar") and e["type"] == "file"]
+    dirs = [e for e in entries if e["type"] == "directory"]
+    return "webdataset" if tars and not dirs else "imagefolder"
+
+
+def list_tars(url: str) -> list[str]:
+    """Sorted tar URLs from a comma list of tars, brace patterns, globs or folders."""
+    import braceexpand
+
+    out: list[str] = []
+    for entry in (e.strip() for e in url.split(",")):
+        if not entry:
+            continue
+        for part in braceexpand.braceexpand(entry):
+            if any(c in part for c in "*?["):
+                fs, path = storage.filesystem(part)
+                proto = storage.protocol(part)
+                out += [p if proto == "file" else f"{proto}://{p}" for p in fs.glob(path)]
+            elif part.endswith(".tar"):
+                out.append(part)
+            else:
+                out += [storage.join(part, n) for n in storage.listdir(part, ".tar")]
+    if not out:
+        raise InputError(f"no .tar files at {url!r}: give webdataset tars (a folder, glob, {{000..009}} pattern "
+                         "or comma list) or set input_format=imagefolder")
+    return sorted(set(out))
+
+
+def load_class_list(url: str) -> list[str]:
+    """Class names in index order from a JSON list of names or of ``{index, wnid}`` objects."""
+    try:
+        data = json.loads(storage.read_text(url))
+    except FileNotFoundError:
+        raise InputError(f"class_list {url!r} does not exist; fix the path or leave it empty") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"class_list {url!r} is not JSON ({e})") from None
+    if isinstance(data, dict):  # {"0": ["n01440764", "tench"], ...} (Keras imagenet_class_index.json)
+        data = [data[k] for k in sorted(data, key=int)]
+    names = []
+    for i, entry in enumerate(data if isinstance(data, list) else []):
+        if isinstance(entry, dict) and "index" in entry and entry["index"] != i:
+            raise InputError(f"class_list {url!r}: entry {i} has index {entry['index']}; entries must be in index order")
+        if isinstance(entry, dict):
+            name = entry.get("wnid") or entry.get("name")
+        else:
+            name = entry[0] if isinstance(entry, list) and entry else entry
+        if not isinstance(name, str) or not name:
+            raise InputError(f"class_list {url!r}: entry {i} ({entry!r}) names no class")
+        names.append(name)
+    if not names:
+        raise InputError(f"class_list {url!r} must be a non-empty JSON list of class names or {{index, wnid}} objects")
+    if len(set(names)) != len(names):
+        raise InputError(f"class_list {url!r} names a class twice")
+    return names
+
+
+def _dedupe(key: str, seen: dict[str, int]) -> str:
+    if key not in seen:
+        seen[key] = 0
+        return key
+    seen[key] += 1
+    return _dedupe(f"{key}_{seen[key]}", seen)
+
+
+def list_imagefolder(root: str, class_list: list[str] | None) -> tuple[list[dict], list[str]]:
+    """Every (non-hidden) file under ``root`` as an item {key, source, label, reason}, plus the class names.
+
+    Files outside a class folder, in folders missing from the class list, or with a non-image extension are
+    listed as rejected (so nothing is dropped silently).
+    """
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        raise InputError(f"input {root!r} does not exist; give an ImageFolder root (<root>/<class>/<image>)")
+    proto = storage.protocol(root)
+    rel_paths = []
+    for p in fs.find(path, withdirs=False):
+        rel = p[len(path.rstrip("/")) + 1:] if p.startswith(path.rstrip("/") + "/") else p.rsplit("/", 1)[-1]
+        if not rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        rel_paths.append(rel)
+    rel_paths.sort()
+    folders = sorted({r.split("/")[0] for r in rel_paths if "/" in r})
+    classes = class_list if class_list is not None else folders
+    index = {c: i for i, c in enumerate(classes)}
+    items, seen = [], {}
+    for rel in rel_paths:
+        source = storage.join(root, rel) if proto != "file" else os.path.join(path, rel)
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+        key = _dedupe(sh.sanitize_key(stem), seen)
+        folder = rel.split("/")[0] if "/" in rel else ""
+        label, reason = index.get(folder, -1), ""
+        if not folder:
+            reason = "not inside a class folder (ImageFolder layout is <root>/<class>/<image>)"
+        elif label < 0:
+            reason = (f"class folder {folder!r} is not in the class list; rename the folder or add the class")
+        elif not rel.lower().endswith(IMAGE_EXTENSIONS):
+            reason = f"not an image file (extension {os.path.splitext(rel)[1] or 'none'!r})"
+        items.append({"key": key, "source": source, "label": label, "reason": reason})
+    if not items:
+        raise InputError(f"no files under {root!r}: expected an ImageFolder (<root>/<class>/<image>.jpg)")
+    return items, classes
+
+
+@dataclasses.dataclass
+class ShardTask:
+    index: int
+    kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar)
+    items: list[dict]          # files: the listed items; tar: []
+    url: str = ""              # tar: the input tar
+
+    @property
+    def name(self) -> str:
+        return sh.shard_name(self.index)
+
+    def digest(self) -> str:
+        """Identity of this shard's inputs: a changed listing makes the shard be redone."""
+        payload = self.url if self.kind == "tar" else json.dumps(self.items, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
+    """(shard tasks in order, class names, input format)."""
+    fmt = resolve_format(cfg.input, cfg.input_format)
+    class_list = load_class_list(cfg.class_list) if cfg.class_list else None
+    if fmt == "webdataset":
+        tars = list_tars(cfg.input)
+        return [ShardTask(i, "tar", [], url=u) for i, u in enumerate(tars)], class_list or [], fmt
+    items, classes = list_imagefolder(cfg.input, class_list)
+    if cfg.max_images:
+        items = items[: cfg.max_images]
+    n = cfg.samples_per_shard
+    tasks = [ShardTask(i, "files", items[s:s + n]) for i, s in enumerate(range(0, len(items), n))]
+    return tasks, classes, fmt
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: read + decode + views (CPU tasks), encode (actor pool)
+
+
+def _read_tar_items(url: str) -> list[tuple[dict, bytes]]:
+    """Samples of a webdataset image tar as (item, image bytes); missing image/label -> a rejected item."""
+    groups: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url)), mode="r:*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            d, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            if not stem or stem.startswith("."):
+                continue
+            key = f"{d}/{stem}" if d else stem
+            if key not in groups:
+                groups[key], _ = {}, order.append(key)
+            f = tar.extractfile(m)
+            groups[key][ext.lower()] = f.read() if f else b""
+    out, seen = [], {}
+    for key in order:
+        g = groups[key]
+        ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in g), None)
+        reason, label = "", -1
+        try:
+            label = int(g.get("cls", b"").decode().strip())
+        except ValueError:
+            reason = "missing or non-integer 'cls' label"
+        if ext is None:
+            reason = f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) in the sample"
+        item = {"key": _dedupe(sh.sanitize_key(key), seen), "source": f"{url}#{key}", "label": label, "reason": reason}
+        out.append((item, g.get(ext, b"") if ext else b""))
+    return out
+
+
+def _read_files(items: list[dict], threads: int) -> list[bytes]:
+    def read(item: dict) -> bytes | Exception:
+        if item["reason"]:
+            return b""
+        try:
+            return storage.read_bytes(item["source"])
+        except Exception as e:  # noqa: BLE001 - recorded as the item's rejection reason
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(items)))) as pool:
+        return list(pool.map(read, items))
+
+
+def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int, augmentation: str,
+                   crop_ratio: float, seed: int, min_side: int, chunk: int, read_threads: int) -> Iterator[dict]:
+    """One shard task -> its chunks: records (JSON) and the accepted items' uint8 views (bytes)."""
+    task = json.loads(batch["task"][0])
+    if task["kind"] == "tar":
+        try:
+            pairs = _read_tar_items(task["url"])
+        except (OSError, tarfile.TarError) as e:
+            raise InputError(f"cannot read input tar {task['url']}: {e}; fix or remove it") from e
+        items, blobs = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        items = task["items"]
+        blobs = _read_files(items, read_threads)
+    num_chunks = max(1, -(-len(items) // chunk))
+    for c in range(num_chunks):
+        records, arrays = [], []
+        for item, data in zip(items[c * chunk:(c + 1) * chunk], blobs[c * chunk:(c + 1) * chunk]):
+            rec = dict(item)
+            if isinstance(data, Exception):
+                rec["reason"] = f"unreadable: {type(data).__name__}: {data}"
+            elif not rec["reason"]:
+                img, rec["reason"] = decode_image(data, min_side)
+                if img is not None:
+                    arrays.append(make_views(img, rec["key"], image_size=image_size, views=views,
+                                             augmentation=augmentation, seed=seed, crop_ratio=crop_ratio))
+            rec["status"] = "rejected" if rec["reason"] else "accepted"
+            records.append(rec)
+        stacked = np.stack(arrays) if arrays else np.zeros((0, views, image_size, image_size, 3), np.uint8)
+        yield {"shard": np.array([task["index"]]), "chunk": np.array([c]), "num_chunks": np.array([num_chunks]),
+               "records": np.array([json.dumps(records)], dtype=object),
+               "views": np.array([stacked.tobytes()], dtype=object), "n_ok": np.array([len(arrays)])}
+
+
+class ShardChunkEncoder:
+    """Ray actor: the tokenizer (from the object store) encodes one chunk per call; codes as bytes."""
+
+    def __init__(self, tokenizer_box: list, *, preset: str, seed: int, precision: str, views: int,
+                 image_size: int, num_threads: int):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, num_threads))
+        tokenizer = tokenizer_box[0]
+        tokenizer = ray.get(tokenizer) if isinstance(tokenizer, ray.ObjectRef) else tokenizer
+        self.encoder = CodeEncoder(tokenizer, preset=preset, seed=seed, precision=precision)
+        self.views, self.image_size = views, image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        codes = []
+        for blob, n in zip(batch["views"], batch["n_ok"]):
+            s = self.image_size
+            v = np.frombuffer(blob, dtype=np.uint8).reshape(int(n), self.views, s, s, 3)
+            codes.append(self.encoder({"views": v})["codes"].tobytes())
+        out = {k: v for k, v in batch.items() if k != "views"}
+        out["codes"] = np.array(codes, dtype=object)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver: shard assembly, resume, manifest
+
+
+def job_fingerprint(cfg: TokenizeConfig, tok_identity: dict, image_size: int) -> str:
+    """Everything that changes the codes; shards of another fingerprint in the output are an error."""
+    d = {"tokenizer_sha256": tok_identity["sha256"], "image_size": image_size, "views": cfg.views,
+         "augmentation": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
+         "precision": cfg.precision, "min_image_side": cfg.min_image_side, "batch_size": cfg.batch_size,
+         "samples_per_shard": cfg.samples_per_shard, "format": sh.FORMAT}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def finished_part(cfg: TokenizeConfig, task: ShardTask, fingerprint: str) -> dict | None:
+    """The record of a finished, verified shard, or None if it must be (re)made."""
+    part_url = storage.join(cfg.output, sh.part_name(task.name))
+    if not storage.exists(part_url):
+        return None
+    part = json.loads(storage.read_text(part_url))
+    if part.get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{cfg.output} already holds {task.name} from a different job (tokenizer, views, augmentation, seed, "
+            "precision or batch size differ); write to a new output or delete the old one")
+    if part.get("inputs") != task.digest():
+        log.info("%s: its inputs changed since it was written; redoing it", task.name)
+        return None
+    try:
+        data = storage.read_bytes(storage.join(cfg.output, task.name))
+    except FileNotFoundError:
+        return None
+    if sh.sha256(data) != part["sha256"]:
+        log.warning("%s does not match its recorded checksum; redoing it", task.name)
+        return None
+    return part
+
+
+def write_shard(cfg: TokenizeConfig, task_index: int, digest: str, fingerprint: str,
+                chunks: dict[int, tuple[list[dict], bytes]], views: int, num_tokens: int) -> dict:
+    """Assemble a shard from its chunks in item order; publish the tar, then its parts record."""
+    records, samples = [], []
+    for c in sorted(chunks):
+        recs, codes_blob = chunks[c]
+        codes = np.frombuffer(codes_blob, dtype=np.uint16).reshape(-1, views, num_tokens)
+        ok = [r for r in recs if r["status"] == "accepted"]
+        if len(ok) != len(codes):
+            raise RuntimeError(f"chunk {c} of shard {task_index}: {len(ok)} accepted items but {len(codes)} codes")
+        samples += [(r["key"], codes[i], r["label"]) for i, r in enumerate(ok)]
+        records += recs
+    name = sh.shard_name(task_index)
+    data = sh.build_shard(samples)
+    storage.write_bytes(storage.join(cfg.output, name), data)
+    part = {"shard": name, "fingerprint": fingerprint, "inputs": digest, "sha256": sh.sha256(data),
+            "num_samples": len(samples), "records": records}
+    storage.write_text(storage.join(cfg.output, sh.part_name(name)), json.dumps(part, sort_keys=True) + "\n")
+    return part
+
+
+def _spread() -> dict:
+    """Decode tasks spread over the cluster's nodes; a remote-args function also keeps Ray Data from fusing
+    decoding into the encoder actors (which would serialise it behind the encoder)."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def _use_gpu(cfg: TokenizeConfig) -> bool:
+    if cfg.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.use_gpu)
+
+
+def run(cfg: TokenizeConfig) -> dict:
+    """Run (or resume) the tokenize job; returns a JSON-able summary."""
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    tasks, classes, fmt = plan_shards(cfg)
+    model, tok = load_job_tokenizer(cfg.tokenizer, preset=cfg.tokenizer_preset, seed=cfg.seed)
+    vq = model.cfg
+    del model
+    if cfg.image_size not in (0, vq.image_size):
+        raise InputError(f"image_size={cfg.image_size} but the tokenizer encodes {vq.image_size}-px images; "
+                         "set image_size=0 or use a matching tokenizer")
+    size, views, L = vq.image_size, cfg.views, vq.num_tokens
+    fingerprint = job_fingerprint(cfg, tok, size)
+    storage.makedirs(cfg.output)
+
+    parts: dict[int, dict] = {}
+    for task in tasks:
+        part = finished_part(cfg, task, fingerprint)
+        if part is not None:
+            parts[task.index] = part
+    todo = [t for t in tasks if t.index not in parts]
+    log.info("tokenize: %d shards planned from %s (%s), %d already done, %d to make -> %s",
+             len(tasks), cfg.input, fmt, len(parts), len(todo), cfg.output)
+
+    t_job = time.perf_counter()
+    made_images = 0
+    if todo:
+        made_images = _run_ray(cfg, todo, tok, fingerprint, size, L, parts)
+    job_s = time.perf_counter() - t_job
+
+    manifest, rows = _collect(cfg, tasks, parts, classes, fmt, tok, vq)
+    storage.write_bytes(storage.join(cfg.output, sh.INDEX), sh.index_bytes(rows))
+    storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
+    storage.write_text(storage.join(cfg.output, sh.MANIFEST), manifest.to_json())  # last: the dataset is complete
+
+    total_s = time.perf_counter() - t0
+    rate = made_images / job_s if made_images and job_s > 0 else 0.0
+    summary = {"output": cfg.output, "manifest": storage.join(cfg.output, sh.MANIFEST), "shards": len(tasks),
+               "shards_made": len(todo), "shards_skipped": len(tasks) - len(todo), "listed": manifest.num_listed,
+               "accepted": manifest.num_samples, "rejected": manifest.num_rejected, "classes": manifest.num_classes,
+               "views": views, "num_tokens": L, "images_processed": made_images, "img_per_s": round(rate, 2),
+               "job_seconds": round(job_s, 2), "seconds": round(total_s, 2), "tokenizer_sha256": tok["sha256"]}
+    log.info(
+        "tokenize finished in %.1f s: %d images listed from %s, %d encoded into %d shards (%d made now, %d already "
+        "there) and %d rejected (reasons in the manifest and index.parquet); %d views x %d tokens each, %.1f img/s "
+        "for the images processed in this run; codes, index.parquet and manifest.json in %s",
+        total_s, manifest.num_listed, cfg.input, manifest.num_samples, len(tasks), len(todo),
+        len(tasks) - len(todo), manifest.num_rejected, views, L, rate, cfg.output)
+    return summary
+
+
+def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint: str, size: int, L: int,
+             parts: dict[int, dict]) -> int:
+    init_ray(cfg.ray)
+    gpu = _use_gpu(cfg)
+    n_enc = cfg.num_encoders or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+    # the tokenizer goes through the object store: workers need no access to the driver's files
+    tok_payload = cfg.tokenizer if tok["kind"] == "random_init" else ray.put(storage.read_bytes(cfg.tokenizer))
+    chunk = max(1, cfg.batch_size // cfg.views)
+    rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url})} for t in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(
+        read_and_views, batch_size=1, batch_format="numpy", num_cpus=1, ray_remote_args_fn=_spread,
+        fn_kwargs=dict(image_size=size, views=cfg.views, augmentation=cfg.augmentation, crop_ratio=cfg.crop_ratio,
+                       seed=cfg.seed, min_side=cfg.min_image_side, chunk=chunk, read_threads=cfg.read_threads))
+    ds = ds.map_batches(
+        ShardChunkEncoder, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_enc), num_gpus=1 if gpu else 0, num_cpus=cfg.encoder_num_cpus,
+        fn_constructor_kwargs=dict(tokenizer_box=[tok_payload], preset=cfg.tokenizer_preset, seed=cfg.seed,
+                                   precision=cfg.precision, views=cfg.views, image_size=size,
+                                   num_threads=int(cfg.encoder_num_cpus)))
+    digests = {t.index: t.digest() for t in todo}
+    pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
+    images = 0
+    for row in ds.iter_rows():
+        s, c, nc = int(row["shard"]), int(row["chunk"]), int(row["num_chunks"])
+        pending.setdefault(s, {})[c] = (json.loads(row["records"]), bytes(row["codes"]))
+        if len(pending[s]) == nc:
+            part = write_shard(cfg, s, digests[s], fingerprint, pending.pop(s), cfg.views, L)
+            parts[s] = part
+            images += len(part["records"])
+            log.info("wrote %s: %d samples, %d rejected", part["shard"], part["num_samples"],
+                     len(part["records"]) - part["num_samples"])
+    if pending:
+        raise RuntimeError(f"shards {sorted(pending)} did not receive all their chunks; re-run to finish them")
+    return images
+
+
+def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict], classes: list[str], fmt: str,
+             tok: dict, vq) -> tuple[sh.Manifest, list[dict]]:
+    rows, rejected, infos = [], [], []
+    for t in tasks:
+        part = parts[t.index]
+        for r in part["records"]:
+            rows.append({"key": r["key"], "label": int(r["label"]), "source": r["source"],
+                         "shard": part["shard"] if r["status"] == "accepted" else "",
+                         "status": r["status"], "reason": r["reason"]})
+            if r["status"] != "accepted":
+                rejected.append({"key": r["key"], "source": r["source"], "reason": r["reason"]})
+        infos.append(sh.ShardInfo(name=part["shard"], num_samples=part["num_samples"], sha256=part["sha256"],
+                                  num_rejected=len(part["records"]) - part["num_samples"]))
+    if fmt == "webdataset" and not classes:
+        top = max((r["label"] for r in rows if r["status"] == "accepted"), default=-1)
+        classes = [str(i) for i in range(top + 1)]
+    accepted = sum(i.num_samples for i in infos)
+    manifest = sh.Manifest(
+        tokenizer=tok, patch_nums=list(vq.patch_nums), vocab_size=vq.vocab_size, num_tokens=vq.num_tokens,
+        image_size=vq.image_size, views=cfg.views,
+        augmentation={"name": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
+                      "interpolation": "lanczos", "flip": False},
+        precision=cfg.precision, samples_per_shard=cfg.samples_per_shard, shards=infos, classes=list(classes),
+        num_listed=len(rows), num_samples=accepted, num_rejected=len(rejected), rejected=rejected,
+        input={"url": cfg.input, "format": fmt},
+    )
+    return manifest, rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark: the whole job vs the tokenizer's encode-only rate (same tokenizer, same process, same run)
+
+
+def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", batch_size: int = 64,
+                       ray_cfg: RayConfig | None = None, views: int = 1, encoder_num_cpus: float = 1.0,
+                       encode_seconds: float = 5.0) -> dict:
+    """Images/s of the tokenize job on ImageFolder ``data`` beside encode-only images/s of the same tokenizer.
+
+    Encode-only runs in this process with as many torch threads as the job gives its encoder actor.
+    """
+    import torch
+
+    cfg = TokenizeConfig(input=data, output=out, tokenizer=tokenizer_preset, views=views, batch_size=batch_size,
+                         encoder_num_cpus=encoder_num_cpus, ray=ray_cfg or RayConfig())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(encoder_num_cpus)))
+    try:
+        enc = CodeEncoder(tokenizer_preset, seed=0)
+        s = enc.image_size
+        x = np.random.default_rng(0).integers(0, 256, (batch_size, 1, s, s, 3), dtype=np.uint8)
+        enc({"views": x})  # warm-up
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < encode_seconds or n < 2 * batch_size:
+            enc({"views": x})
+            n += batch_size
+        encode_rate = n / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    init_ray(cfg.ray)
+    summary = run(cfg)
+    job_rate = summary["images_processed"] / summary["job_seconds"]
+    return {"encode_img_per_s": encode_rate * 1.0 / views, "job_img_per_s": job_rate,
+            "images": summary["images_processed"], "views": views, "tokenizer": tokenizer_preset,
+            "job_seconds": summary["job_seconds"]}
