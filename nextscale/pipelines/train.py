@@ -72,7 +72,8 @@ class RayTrainContext:
             return fully_shard(model)
         return ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy="ddp",
-            parallel_strategy_kwargs={"find_unused_parameters": False, "broadcast_buffers": False})
+            # the official DDP settings; the buffers (mask, level ids) are constants, no need to sync them
+            parallel_strategy_kwargs={"find_unused_parameters": False, "forward_sync_buffers": False})
 
 
 def run_name(kind: str, output: str) -> str:
@@ -85,6 +86,10 @@ def _worker(config: dict[str, Any]) -> None:
     cfg, kind = config["cfg"], config["kind"]
     ctx = config["context_cls"](strategy=getattr(cfg, "strategy", "ddp"))
     setup_logging(ctx.rank)
+    # Ray Train logs every report at INFO; keep the worker's log to the training lines and real warnings
+    ray_dir = os.path.dirname(ray.__file__)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.pathname.startswith(ray_dir))
     storage.configure(cfg.storage)
     if kind == "prior":
         train_prior(cfg, ctx)

@@ -64,25 +64,37 @@ def peak_flops(device: torch.device, precision: str) -> float:
 # Pieces
 
 
-def tokenizer_url(cfg: PriorTrainConfig, manifest: dict) -> str:
-    """``data.tokenizer_url``, else the tokenizer checkpoint recorded in the codes' manifest."""
-    if cfg.data.tokenizer_url:
-        return cfg.data.tokenizer_url
+def load_quantizer(cfg: PriorTrainConfig, manifest: dict,
+                   device: torch.device) -> tuple[MultiScaleQuantizer, VQVAEConfig, dict]:
+    """(frozen quantizer, tokenizer config, tokenizer identity as the manifest records it) for the codes.
+
+    ``data.tokenizer_url`` if set, else what the manifest records: the tokenizer file, or the seed of a
+    random-init preset (rebuilt identically). Its sha256 must match the manifest's. Only the codebook and
+    the Phi convs are kept: the encoder and decoder are dropped at once.
+    """
+    from nextscale.tokenize.encode import load_job_tokenizer, weights_sha256
+
     tok = manifest.get("tokenizer") or {}
-    for key in ("url", "checkpoint_url", "checkpoint", "path"):
-        if isinstance(tok, dict) and isinstance(tok.get(key), str) and tok[key]:
-            return tok[key]
-    raise ValueError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to the "
-                     "tokenizer.pt (or official .pth) the codes were made with")
-
-
-def load_quantizer(url: str, preset: str, device: torch.device) -> tuple[MultiScaleQuantizer, VQVAEConfig]:
-    """Only the codebook + Phi convs of a tokenizer (the encoder/decoder are dropped at once), frozen."""
-    from nextscale.tokenize.convert import load_tokenizer
-
-    vqvae = load_tokenizer(url, preset)
+    if cfg.data.tokenizer_url:
+        vqvae, ident = load_job_tokenizer(cfg.data.tokenizer_url, preset=cfg.data.tokenizer_preset)
+        source = cfg.data.tokenizer_url
+    elif tok.get("kind") == "random_init" and tok.get("preset"):
+        vqvae, ident = load_job_tokenizer(tok["preset"], seed=int(tok.get("seed", 0)))
+        source = f"random-init preset {tok['preset']} (seed {tok.get('seed', 0)})"
+    elif tok.get("url"):
+        vqvae, ident = load_job_tokenizer(tok["url"], preset=tok.get("preset") or cfg.data.tokenizer_preset)
+        source = tok["url"]
+    else:
+        raise ValueError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to "
+                         "the tokenizer.pt (or official .pth) the codes were made with")
+    recorded = tok.get("sha256")
+    if recorded and recorded not in (ident["sha256"], weights_sha256(vqvae)):
+        raise ValueError(f"tokenizer {source} (sha256 {ident['sha256'][:12]}…) is not the one the codes in "
+                         f"{cfg.data.url} were made with (sha256 {recorded[:12]}…); point data.tokenizer_url at "
+                         "that file or re-run `nextscale tokenize` with this tokenizer")
     quantizer = vqvae.quantize.to(device).eval().requires_grad_(False)
-    return quantizer, vqvae.cfg
+    log.info("teacher-forcing input from the quantizer of tokenizer %s", source)
+    return quantizer, vqvae.cfg, {**ident, "source": source}
 
 
 def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: dict) -> VARConfig:
@@ -112,7 +124,10 @@ def num_samples(manifest: dict) -> int:
 
 
 class Batches:
-    """Endless (codes, labels) from one CodeLoader per epoch; its position is part of the checkpoint."""
+    """Endless (codes, labels) from one CodeLoader per epoch; its position is part of the checkpoint.
+
+    Every rank gets the same number of full batches per epoch (``equal_batches``), so DDP ranks stay in step.
+    """
 
     def __init__(self, cfg: PriorTrainConfig, rank: int, world_size: int, epoch: int = 0,
                  loader_state: dict | None = None):
@@ -129,7 +144,7 @@ class Batches:
         d = self.cfg.data
         return CodeLoader(d.url, batch_size=d.batch_size // self.world_size, rank=self.rank,
                           world_size=self.world_size, num_workers=d.num_workers, seed=d.seed,
-                          shuffle_buffer=d.shuffle_buffer, epoch=epoch)
+                          shuffle_buffer=d.shuffle_buffer, epoch=epoch, drop_last=True, equal_batches=True)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         for _ in range(2):
@@ -189,8 +204,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
 
     manifest = read_manifest(cfg.data.url)
-    tok_url = tokenizer_url(cfg, manifest)
-    quantizer, vq_cfg = load_quantizer(tok_url, cfg.data.tokenizer_preset, device)
+    quantizer, vq_cfg, tokenizer = load_quantizer(cfg, manifest, device)
     check_manifest(manifest, vq_cfg)
     var_cfg = resolve_var_config(cfg, vq_cfg, manifest)
     patch_nums = tuple(var_cfg.patch_nums)
@@ -291,12 +305,12 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
             loss_sum.zero_()
             n_window = 0
             if is_ckpt:
-                _checkpoint(ctx, cfg, var_cfg, model, optimizer, scaler, step, batches, history, metrics, tok_url)
+                _checkpoint(ctx, cfg, var_cfg, model, optimizer, scaler, step, batches, history, metrics, tokenizer)
             else:
                 ctx.report(metrics)
             t_window = time.perf_counter()
 
-    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tok_url, n_params, flops)
+    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops)
     wandb.finish()
     return summary
 
@@ -329,7 +343,7 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, co
 
 def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, model: VAR,
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, batches: Batches,
-                history: list[dict], metrics: dict, tok_url: str) -> None:
+                history: list[dict], metrics: dict, tokenizer: dict) -> None:
     # collectives first (every rank): RNG and data positions of all ranks, full state dicts under FSDP
     rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)
     positions = checkpoint.gather_from_ranks(batches.state_dict(), ctx.world_size)
@@ -345,7 +359,7 @@ def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, mo
         checkpoint.save(tmp, {
             "model": model_sd, "ema": None, "optimizer": optim_sd, "scaler": scaler.state_dict(), "step": step,
             "batches": positions, "rng": rngs, "world_size": ctx.world_size, "history": history,
-            "var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer_url": tok_url,
+            "var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer": tokenizer,
         })
         _write_metrics(cfg.output, history)
         ctx.report(metrics, checkpoint_dir=tmp)
@@ -366,7 +380,7 @@ def save_prior(url: str, model: VAR, **extra: Any) -> None:
 
 
 def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model: VAR, history: list[dict],
-            step: int, start_step: int, t_train: float, t_start: float, tok_url: str, n_params: int,
+            step: int, start_step: int, t_train: float, t_start: float, tokenizer: dict, n_params: int,
             flops: float) -> dict:
     trained = step - start_step
     img_s = trained * cfg.data.batch_size / t_train if trained and t_train > 0 else float("nan")
@@ -375,12 +389,12 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model:
         "final_acc_last": history[-1]["acc_last"] if history else float("nan"),
         "img_per_s": img_s, "tokens_per_s": img_s * var_cfg.num_tokens,
         "mfu": history[-1].get("mfu", float("nan")) if history else float("nan"),
-        "num_params": n_params, "gflops_per_image": flops / 1e9, "workers": ctx.world_size,
+        "tokenizer": tokenizer["source"], "num_params": n_params, "gflops_per_image": flops / 1e9, "workers": ctx.world_size,
         "minutes": (time.time() - t_start) / 60, "output": cfg.output,
         "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
     }
     if ctx.rank == 0:
-        save_prior(summary["prior_url"], model, tokenizer_url=tok_url, step=step)
+        save_prior(summary["prior_url"], model, tokenizer=tokenizer, step=step)
         _write_metrics(cfg.output, history)
         storage.write_text(storage.join(cfg.output, "train_summary.json"), json.dumps(summary, indent=1))
         log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "

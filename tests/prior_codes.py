@@ -1,0 +1,26 @@
+"""Tiny code shards for the prior's tests: random codes written by the DATA stage's shard writer."""
+
+from __future__ import annotations
+
+import json
+
+from nextscale import storage
+from nextscale.tokenize.encode import load_job_tokenizer
+from nextscale.tokenize.shards import MANIFEST, write_synthetic_shards
+
+
+def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, seed: int,
+                num_classes: int = 10, samples_per_shard: int = 16) -> str:
+    """Random uint16 codes (K views, L tokens of the tokenizer) + labels i % num_classes; returns ``out``.
+
+    The manifest records the tokenizer file as `nextscale tokenize` does (url, kind, sha256, config).
+    """
+    vqvae, ident = load_job_tokenizer(tokenizer_url)
+    vq = vqvae.cfg
+    write_synthetic_shards(out, num_samples=num_samples, num_tokens=vq.num_tokens, vocab_size=vq.vocab_size,
+                           views=views, samples_per_shard=samples_per_shard, num_classes=num_classes, seed=seed,
+                           patch_nums=vq.patch_nums, image_size=vq.image_size)
+    manifest = json.loads(storage.read_text(storage.join(out, MANIFEST)))
+    manifest["tokenizer"] = ident
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,185 @@
+"""The prior's training loop in-process (LocalContext, CPU): learning, determinism, bit-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from nextscale.config import ConfigError, load_config
+from nextscale.prior.config import PriorTrainConfig
+from nextscale.prior.engine import active_scales, load_prior, train_prior
+from nextscale.runtime import LocalContext
+from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.vqvae import build_vqvae
+
+from prior_codes import write_codes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: a second intra-op thread makes tiny steps ~50x slower under contention
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory) -> str:
+    """32 random samples (2 views each) of the golden_tiny tokenizer (V=64, L=30), 10 classes."""
+    root = tmp_path_factory.mktemp("codes")
+    torch.manual_seed(0)
+    tok = str(root / "tokenizer.pt")
+    save_tokenizer(build_vqvae("golden_tiny"), tok)
+    return write_codes(str(root / "codes"), tok, num_samples=32, views=2, seed=0)
+
+
+def _cfg(codes: str, out, *extra: str) -> PriorTrainConfig:
+    return load_config(PriorTrainConfig, None, [
+        f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "steps=6", "log_every=1",
+        "ckpt_every=3", f"output={out}", "num_workers=0", *extra])
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out, "prior.pt"), weights_only=False)["state_dict"]
+
+
+class CrashAfter(LocalContext):
+    """Dies right after persisting the checkpoint of ``step`` (a killed process, in-process)."""
+
+    def __init__(self, output: str, step: int):
+        super().__init__(output)
+        self.crash_step = step
+
+    def report(self, metrics, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None and metrics["step"] == self.crash_step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_tiny_model_overfits_a_tiny_dataset(tmp_path):
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), str(tmp_path / "tokenizer.pt"))
+    one_batch = write_codes(str(tmp_path / "codes"), str(tmp_path / "tokenizer.pt"), num_samples=8, views=1, seed=0)
+    cfg = _cfg(one_batch, tmp_path / "out", "steps=60", "log_every=10", "ckpt_every=1000", "optim.lr=1e-2",
+               "optim.warmup_steps=5", "optim.schedule=const", "optim.weight_decay=0",
+               "model.overrides.cond_drop_rate=0")
+    summary = train_prior(cfg, LocalContext(cfg.output))
+    rows = _rows(tmp_path / "out")
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[0]["loss"] > 3.0  # ~ln(64) = 4.16 at the start
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert rows[-1]["acc_last"] > rows[0]["acc_last"]
+    assert summary["steps"] == summary["steps_trained"] == 60
+    model = load_prior(summary["prior_url"])
+    assert model.cfg.vocab_size == 64 and model.cfg.patch_nums == (1, 2, 3, 4)  # taken from the tokenizer
+
+
+def test_loss_curve_is_reproducible_for_a_fixed_seed(codes, tmp_path):
+    for run in ("a", "b"):
+        cfg = _cfg(codes, tmp_path / run, "optim.lr=1e-3")
+        train_prior(cfg, LocalContext(cfg.output))
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
+    assert len({r["loss"] for r in a}) > 1
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # another seed gives another curve
+    cfg = _cfg(codes, tmp_path / "c", "optim.lr=1e-3", "seed=1")
+    train_prior(cfg, LocalContext(cfg.output))
+    assert [r["loss"] for r in _rows(tmp_path / "c")] != [r["loss"] for r in a]
+
+
+def test_resume_gives_the_same_next_losses_bit_for_bit(codes, tmp_path):
+    # 12 steps over 4 batches per epoch: crosses epochs, checkpoints at 5 and 10
+    extra = ("steps=12", "ckpt_every=5", "optim.lr=1e-3", "optim.warmup_steps=3",
+             "model.overrides.drop_path_rate=0.1")  # condition dropout + drop path: the RNG must resume too
+    cfg = _cfg(codes, tmp_path / "ref", *extra)
+    train_prior(cfg, LocalContext(cfg.output))
+
+    cfg = _cfg(codes, tmp_path / "cut", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(cfg, CrashAfter(cfg.output, 5))
+    assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    summary = train_prior(cfg, LocalContext(cfg.output))
+    assert (summary["steps"], summary["steps_trained"]) == (12, 7)
+
+    ref, cut = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 13))
+    for key in ("loss", "acc_first", "acc_last", "grad_norm", "lr", "wd"):
+        assert [r[key] for r in cut] == [r[key] for r in ref], key
+    wr, wc = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert all(torch.equal(wr[k], wc[k]) for k in wr)
+
+    # a finished run resumes at its end and trains nothing
+    again = train_prior(cfg, LocalContext(cfg.output))
+    assert (again["steps"], again["steps_trained"]) == (12, 0)
+    assert all(torch.equal(wr[k], v) for k, v in _weights(tmp_path / "cut").items())
+
+
+def test_checkpoint_is_complete(codes, tmp_path):
+    from nextscale.prior import checkpoint
+
+    cfg = _cfg(codes, tmp_path, "steps=3")
+    train_prior(cfg, LocalContext(cfg.output))
+    state = checkpoint.load(LocalContext(cfg.output).restore())
+    assert state["step"] == 3 and state["world_size"] == 1
+    assert set(state) >= {"model", "ema", "optimizer", "scaler", "batches", "rng", "history", "config", "var_config"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    params = dict(load_prior(os.path.join(tmp_path, "prior.pt")).named_parameters())
+    assert len(state["optimizer"]["state"]) == len(params) and set(params) < set(state["model"])
+    assert state["config"]["output"] == str(tmp_path) and state["rng"][0]["torch"].dtype == torch.uint8
+    assert state["batches"][0]["epoch"] == 0 and state["batches"][0]["loader"]
+
+
+def test_epochs_set_the_step_count_from_the_manifest(codes, tmp_path):
+    cfg = _cfg(codes, tmp_path, "steps=0", "epochs=1.5", "log_every=100")
+    assert train_prior(cfg, LocalContext(cfg.output))["steps"] == 6  # 32 samples / 8 = 4 steps per epoch
+
+
+def test_progressive_training_grows_the_active_scales(codes, tmp_path):
+    assert [active_scales(s, 100, 4, 0.5, 2) for s in (0, 16, 17, 33, 34, 50, 99)] == [2, 2, 3, 3, 4, 4, 4]
+    assert active_scales(0, 100, 4, 0.0, 2) == 4
+    cfg = _cfg(codes, tmp_path, "steps=4", "progressive.fraction=0.5", "progressive.start_scales=3")
+    train_prior(cfg, LocalContext(cfg.output))
+    assert [r["scales"] for r in _rows(tmp_path)] == [3, 4, 4, 4]  # 2 growth steps: 1 each with 3 and 4
+
+
+def test_config_errors_name_the_key_and_the_fix(codes, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of steps"):
+        _cfg(codes, tmp_path, "epochs=2")
+    with pytest.raises(ConfigError, match="divisible by num_workers=3"):
+        _cfg(codes, tmp_path, "num_workers=3")
+    with pytest.raises(ConfigError, match="model.preset='d17' is unknown"):
+        _cfg(codes, tmp_path, "model.preset=d17")
+    with pytest.raises(ConfigError, match="unknown config key 'model.overrides.width'"):
+        _cfg(codes, tmp_path, "model.overrides.width=3")
+    with pytest.raises(ConfigError, match="needs num_workers >= 2"):
+        _cfg(codes, tmp_path, "strategy=fsdp")
+    cfg = _cfg(codes, tmp_path, "model.overrides.vocab_size=4096")
+    with pytest.raises(ValueError, match="vocab_size=4096 disagrees with the tokenizer's 64"):
+        train_prior(cfg, LocalContext(cfg.output))
+    cfg = _cfg(codes, tmp_path, "model.overrides.num_classes=5")
+    with pytest.raises(ValueError, match="10 classes but the model has num_classes=5"):
+        train_prior(cfg, LocalContext(cfg.output))
+
+
+def test_demo_configs_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("prior_demo", "prior_debug", "prior_d16", "prior_d20", "prior_d24", "prior_d30"):
+        cfg = load_config(PriorTrainConfig, os.path.join(root, f"{name}.yaml"))
+        assert cfg.output
+    d16 = load_config(PriorTrainConfig, os.path.join(root, "prior_d16.yaml"))
+    assert (d16.data.batch_size, d16.epochs, d16.optim.final_lr_ratio) == (768, 200, 0.1)
+    assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.use_gpu
+    d30 = load_config(PriorTrainConfig, os.path.join(root, "prior_d30.yaml"))
+    assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
+
