@@ -1,0 +1,325 @@
+"""The code loader: (codes (B, L) int64, labels (B,) int64) batches streamed from code shards.
+
+Shards (``codes-*.tar`` written by ``nextscale tokenize``, local or ``s3://``/``gs://``) are read with
+webdataset. Every epoch is an exact pass: the shard order is permuted by ``(seed, epoch)``, then split over
+the R = world_size x max(1, num_workers) readers — whole shards round-robin when there are at least R
+shards, else every reader streams all shards and keeps the samples whose epoch position is its own modulo R
+(no reader is ever empty-handed, so nothing hangs). Each reader shuffles through a seeded buffer and picks
+one of the K views per sample from ``(seed, epoch, key)``. The rank interleaves its readers' fixed-size chunks
+in a fixed round-robin order, so the batch sequence is a pure function of (manifest, seed, epoch, rank,
+world_size, num_workers, batch_size) and :meth:`CodeLoader.state_dict` / ``load_state_dict`` resume it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nextscale import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CHUNK = 64  # samples per reader->rank hand-over; also the granularity of the round-robin interleave
+
+
+class ManifestMismatch(ValueError):
+    """Codes were made by another tokenizer than the one training uses; the message names the field and fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(url: str) -> dict:
+    """``{url}/manifest.json`` as a dict; a clear error when the tokenize job has not finished."""
+    try:
+        return json.loads(storage.read_text(storage.join(url, MANIFEST)))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST} under {url!r}: the codes are incomplete or the URL is wrong; run (or re-run) "
+            "`nextscale tokenize` with this output (it resumes and writes the manifest last)") from None
+
+
+def check_manifest(manifest: dict, vqvae_cfg: Any, tokenizer_sha256: str | None = None) -> None:
+    """Raise :class:`ManifestMismatch` unless the codes fit ``vqvae_cfg`` (and the tokenizer file, if given)."""
+    where = manifest.get("input", {}).get("url", "these codes")
+    expected = {"vocab_size": vqvae_cfg.vocab_size, "patch_nums": list(vqvae_cfg.patch_nums),
+                "image_size": vqvae_cfg.image_size, "num_tokens": vqvae_cfg.num_tokens}
+    for key, want in expected.items():
+        got = manifest.get(key)
+        if got is not None and got != want:
+            raise ManifestMismatch(
+                f"the codes of {where} were made with {key}={got} but the tokenizer has {key}={want}: train with the "
+                "tokenizer recorded in the manifest (data.tokenizer_url empty) or re-run `nextscale tokenize` with "
+                "this tokenizer into a new output")
+    recorded = (manifest.get("tokenizer") or {}).get("config") or {}
+    if recorded.get("z_channels") not in (None, vqvae_cfg.z_channels):
+        raise ManifestMismatch(f"the codes of {where} come from a tokenizer with z_channels={recorded['z_channels']}, "
+                               f"this one has {vqvae_cfg.z_channels}; use the tokenizer recorded in the manifest")
+    sha = (manifest.get("tokenizer") or {}).get("sha256")
+    if tokenizer_sha256 and sha and sha != tokenizer_sha256:
+        raise ManifestMismatch(f"the codes of {where} were made by tokenizer sha256 {sha[:12]}…, not by this one "
+                               f"({tokenizer_sha256[:12]}…): same shapes, different codebook; use the recorded "
+                               "tokenizer or re-tokenize")
+    if manifest.get("dtype", "uint16") != "uint16":
+        raise ManifestMismatch(f"codes dtype {manifest.get('dtype')!r} is not uint16; re-run `nextscale tokenize`")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> Any:
+    fs, path = storage.filesystem(url)
+    return fs.open(path, "rb")
+
+
+def register_remote_gopen() -> None:
+    """Let webdataset open ``s3://``/``gs://`` through nextscale.storage (it has no handler of its own).
+
+    Registers in webdataset's scheme table, its extension point; called by the loader, not at import.
+    """
+    gopen = importlib.import_module("webdataset.gopen")
+    for scheme in ("s3", "gs", "gcs"):
+        gopen.gopen_schemes[scheme] = _fsspec_gopen
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, codes uint16 (K, L), label) of one shard, in stored order, streamed with webdataset."""
+    from webdataset.tariterators import tarfile_samples
+
+    register_remote_gopen()
+    for sample in tarfile_samples([{"url": url}]):
+        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+        yield sample["__key__"], codes, int(sample["cls"])
+
+
+def view_index(seed: int, epoch: int, key: str, views: int) -> int:
+    if views == 1:
+        return 0
+    h = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % views
+
+
+# ------------------------------------------------------------------------------------------------
+# The epoch plan (pure: every rank and worker computes the same one)
+
+
+class EpochPlan:
+    """Which samples each of the R readers streams in one epoch, and how many."""
+
+    def __init__(self, shards: list[dict], *, seed: int, epoch: int, num_readers: int):
+        shards = [s for s in shards if s["num_samples"] > 0]
+        perm = np.random.default_rng((seed, epoch)).permutation(len(shards)) if shards else []
+        self.order = [shards[i] for i in perm]
+        self.R = num_readers
+        self.total = sum(s["num_samples"] for s in self.order)
+        self.by_shard = len(self.order) >= num_readers
+        if self.by_shard:
+            self.counts = [sum(s["num_samples"] for s in self.order[r::num_readers]) for r in range(num_readers)]
+        else:
+            self.counts = [self.total // num_readers + (r < self.total % num_readers) for r in range(num_readers)]
+
+    def samples(self, root: str, reader: int) -> Iterator[tuple[str, np.ndarray, int]]:
+        """This reader's samples in stream order (before shuffling); checks shard sizes against the manifest."""
+        if self.by_shard:
+            for s in self.order[reader::self.R]:
+                yield from self._checked(root, s)
+            return
+        g = 0
+        for s in self.order:
+            for sample in self._checked(root, s):
+                if g % self.R == reader:
+                    yield sample
+                g += 1
+
+    @staticmethod
+    def _checked(root: str, shard: dict) -> Iterator[tuple[str, np.ndarray, int]]:
+        n = 0
+        for sample in iter_shard(storage.join(root, shard["name"])):
+            n += 1
+            yield sample
+        if n != shard["num_samples"]:
+            raise ValueError(f"{storage.join(root, shard['name'])} holds {n} samples but the manifest says "
+                             f"{shard['num_samples']}: the shard was replaced or damaged; re-run `nextscale tokenize`")
+
+
+def chunk_sequence(counts: list[int], chunk: int) -> list[tuple[int, int, int]]:
+    """The rank's fixed interleave: (worker, chunk index, size) round-robin over its workers' chunks."""
+    n_chunks = [-(-c // chunk) for c in counts]
+    return [(w, t, min(chunk, counts[w] - t * chunk))
+            for t in range(max(n_chunks, default=0)) for w in range(len(counts)) if t < n_chunks[w]]
+
+
+def resume_point(counts: list[int], chunk: int, consumed: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Per-worker samples to skip and the remaining (worker, chunk, size) sequence after ``consumed`` samples."""
+    seq = chunk_sequence(counts, chunk)
+    skip = [0] * len(counts)
+    cum = 0
+    for i, (w, t, size) in enumerate(seq):
+        if cum + size > consumed:
+            offset = consumed - cum
+            rest = [(w, t, size - offset)] + seq[i + 1:]
+            skip[w] += offset
+            # workers whose chunk at this round came earlier in the sequence have used it up
+            return skip, rest
+        skip[w] += size
+        cum += size
+    return skip, []
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers (one per DataLoader worker)
+
+
+class _Readers(IterableDataset):
+    """Yields (worker, chunk index, codes uint16 (n, L), labels int64 (n,)) of this worker's reader."""
+
+    def __init__(self, loader: CodeLoader, skip: list[int]):
+        self.root, self.plan, self.skip = loader.url, loader.plan, skip
+        self.seed, self.epoch, self.views = loader.seed, loader.epoch, loader.views
+        self.buffer, self.rank, self.W = loader.shuffle_buffer, loader.rank, loader.readers_per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        reader = self.rank * self.W + w
+        stream = self._shuffled(self.plan.samples(self.root, reader), reader)
+        pos, codes, labels = 0, [], []
+        for key, codes_KL, label in stream:
+            if pos >= self.skip[w]:
+                codes.append(codes_KL[view_index(self.seed, self.epoch, key, codes_KL.shape[0])])
+                labels.append(label)
+            pos += 1
+            if pos % CHUNK == 0 and codes:
+                yield w, (pos - 1) // CHUNK, np.stack(codes), np.asarray(labels, dtype=np.int64)
+                codes, labels = [], []
+        if codes:
+            yield w, (pos - 1) // CHUNK, np.stack(codes), np.asarray(labels, dtype=np.int64)
+
+    def _shuffled(self, samples: Iterator, reader: int) -> Iterator:
+        if self.buffer <= 1:
+            yield from samples
+            return
+        rng = np.random.default_rng((self.seed, self.epoch, reader, 1))
+        buf: list = []
+        for s in samples:
+            if len(buf) < self.buffer:
+                buf.append(s)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], s = s, buf[i]
+            yield s
+        for i in rng.permutation(len(buf)):
+            yield buf[i]
+
+
+def _as_is(x: Any) -> Any:
+    return x  # keep the readers' numpy chunks as they are (the default would convert them to tensors)
+
+
+class CodeLoader:
+    """Iterable of ``(codes_BL int64, label_B int64)``: every sample exactly once per epoch over all ranks.
+
+    ``num_workers`` DataLoader processes read in parallel (0 = in this process). ``drop_last`` drops this rank's
+    final partial batch; ``equal_batches`` gives every rank the same number of full batches (the smallest
+    rank's; a few samples are then skipped) so DDP ranks stay in step. ``state_dict`` / ``load_state_dict``
+    resume mid-epoch exactly (same rank layout, workers and batch size).
+    """
+
+    def __init__(self, url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 2048, epoch: int = 0, drop_last: bool = False,
+                 equal_batches: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.url, self.batch_size, self.rank, self.world_size = url, batch_size, rank, world_size
+        self.num_workers, self.seed, self.shuffle_buffer, self.epoch = num_workers, seed, shuffle_buffer, epoch
+        self.drop_last, self.equal_batches = drop_last, equal_batches
+        self.manifest = read_manifest(url)
+        self.views = int(self.manifest.get("views", 1))
+        self.readers_per_rank = max(1, num_workers)
+        self.plan = EpochPlan(self.manifest["shards"], seed=seed, epoch=epoch,
+                              num_readers=world_size * self.readers_per_rank)
+        W = self.readers_per_rank
+        self.counts = self.plan.counts[rank * W:(rank + 1) * W]
+        self.num_samples = sum(self.counts)
+        self._consumed = 0
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        if self.equal_batches:
+            W = self.readers_per_rank
+            return min(sum(self.plan.counts[r * W:(r + 1) * W]) for r in range(self.world_size)) // self.batch_size
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "samples": self._consumed, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
+
+    def load_state_dict(self, d: dict) -> None:
+        for key in ("seed", "rank", "world_size", "num_workers", "batch_size"):
+            if d.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"loader state has {key}={d[key]} but this loader has {getattr(self, key)}; resume "
+                                 "with the same data settings and number of workers")
+        if d["epoch"] != self.epoch:
+            self.__init__(self.url, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
+                          num_workers=self.num_workers, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                          epoch=d["epoch"], drop_last=self.drop_last, equal_batches=self.equal_batches)
+        self._consumed = int(d["samples"])
+
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's chunks from ``self._consumed`` on, in the fixed interleave order."""
+        skip, seq = resume_point(self.counts, CHUNK, self._consumed)
+        if not seq:
+            return
+        readers = _Readers(self, skip)
+        if self.num_workers == 0:
+            source: Iterator = iter(readers)
+        else:
+            source = iter(DataLoader(readers, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is))
+        held: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for w, t, size in seq:
+            while (w, t) not in held:
+                ww, tt, codes, labels = next(source)
+                held[(int(ww), int(tt))] = (np.asarray(codes), np.asarray(labels))
+            codes, labels = held.pop((w, t))
+            if len(codes) != size:
+                raise RuntimeError(f"reader {w} chunk {t}: {len(codes)} samples, expected {size}")
+            yield codes, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        limit = len(self) * self.batch_size if (self.equal_batches or self.drop_last) else self.num_samples
+        codes_buf: list[np.ndarray] = []
+        labels_buf: list[np.ndarray] = []
+        have = 0
+        for codes, labels in self._chunks():
+            codes_buf.append(codes)
+            labels_buf.append(labels)
+            have += len(codes)
+            while have >= self.batch_size and self._consumed + self.batch_size <= limit:
+                yield self._emit(codes_buf, labels_buf, self.batch_size)
+                have -= self.batch_size
+            if self._consumed >= limit:
+                return
+        if have and self._consumed + have <= limit:
+            yield self._emit(codes_buf, labels_buf, have)
+
+    def _emit(self, codes_buf: list, labels_buf: list, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, labels = np.concatenate(codes_buf), np.concatenate(labels_buf)
+        codes_buf[:] = [codes[n:]]
+        labels_buf[:] = [labels[n:]]
+        self._consumed += n
+        return torch.from_numpy(codes[:n].astype(np.int64)), torch.from_numpy(labels[:n].copy())

@@ -1,0 +1,132 @@
+"""CodeLoader: exactly-once epochs over ranks x workers, view choice, exact mid-epoch resume, manifest checks."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import types
+
+import numpy as np
+import pytest
+
+from nextscale import storage
+from nextscale.prior.data import CodeLoader, ManifestMismatch, check_manifest, read_manifest
+from nextscale.tokenize import shards as sh
+
+K, L = 3, 6
+
+
+def _write(root, sizes: list[int]) -> int:
+    """Shards whose codes spell out the sample id: codes[v] = (id, v, ...); returns the sample count."""
+    shards, i = [], 0
+    for si, n in enumerate(sizes):
+        samples = []
+        for _ in range(n):
+            codes = np.zeros((K, L), np.uint16)
+            codes[:, 0], codes[:, 1] = i, np.arange(K)
+            samples.append((f"k{i:05d}", codes, i % 7))
+            i += 1
+        data = sh.build_shard(samples)
+        storage.write_bytes(storage.join(str(root), sh.shard_name(si)), data)
+        shards.append(sh.ShardInfo(name=sh.shard_name(si), num_samples=n, sha256=sh.sha256(data)))
+    m = sh.Manifest(tokenizer={"sha256": "abc", "config": {"z_channels": 8}}, patch_nums=[1, 2], vocab_size=64,
+                    num_tokens=L, image_size=64, views=K, augmentation={}, precision="fp32", samples_per_shard=0,
+                    shards=shards, classes=[str(c) for c in range(7)], num_listed=i, num_samples=i, num_rejected=0,
+                    rejected=[], input={"url": "x", "format": "imagefolder"})
+    storage.write_text(storage.join(str(root), sh.MANIFEST), m.to_json())
+    return i
+
+
+def _ids(loader) -> list[int]:
+    out = []
+    for codes, labels in loader:
+        assert codes.dtype.is_floating_point is False and codes.shape[1] == L and codes.dtype.itemsize == 8
+        assert ((codes[:, 0] % 7) == labels).all()
+        out += codes[:, 0].tolist()
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[37, 50, 13, 64, 25, 40], [90, 41]], ids=["shards>=readers", "shards<readers"])
+def test_every_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, sizes):
+    n = _write(tmp_path, sizes)
+    seen = collections.Counter()
+    for rank in range(2):
+        loader = CodeLoader(str(tmp_path), batch_size=16, rank=rank, world_size=2, num_workers=2, seed=3,
+                            shuffle_buffer=32)
+        ids = _ids(loader)
+        assert len(ids) == loader.num_samples and -(-len(ids) // 16) == len(loader)
+        seen.update(ids)
+    assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}
+
+
+def test_order_and_views_are_deterministic_and_change_per_epoch(tmp_path):
+    _write(tmp_path, [30, 30, 30])
+
+    def run(epoch, workers=0):
+        loader = CodeLoader(str(tmp_path), batch_size=8, num_workers=workers, seed=5, shuffle_buffer=16, epoch=epoch)
+        batches = list(loader)
+        return [c[:, 0].tolist() for c, _ in batches], [c[:, 1].tolist() for c, _ in batches]
+
+    ids0, views0 = run(0)
+    assert (ids0, views0) == run(0)
+    ids1, views1 = run(1)
+    assert ids1 != ids0 and sorted(sum(ids1, [])) == sorted(sum(ids0, [])) == list(range(90))
+    flat0, flat1 = dict(zip(sum(ids0, []), sum(views0, []))), dict(zip(sum(ids1, []), sum(views1, [])))
+    assert set(flat0.values()) == set(range(K))  # every view gets drawn
+    assert flat0 != flat1  # a new view choice every epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, workers):
+    _write(tmp_path, [70, 45, 90, 12])
+    kw = dict(batch_size=24, num_workers=workers, seed=1, shuffle_buffer=40, epoch=2)
+    full = [(c.tolist(), l.tolist()) for c, l in CodeLoader(str(tmp_path), **kw)]
+    loader = CodeLoader(str(tmp_path), **kw)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    del it
+    resumed = CodeLoader(str(tmp_path), **{**kw, "epoch": 0})
+    resumed.load_state_dict(state)
+    rest = [(c.tolist(), l.tolist()) for c, l in resumed]
+    assert [(c.tolist(), l.tolist()) for c, l in head] + rest == full
+
+
+def test_equal_batches_keep_ranks_in_step(tmp_path):
+    _write(tmp_path, [50, 10, 31])
+    lens = []
+    for rank in range(2):
+        loader = CodeLoader(str(tmp_path), batch_size=8, rank=rank, world_size=2, equal_batches=True)
+        batches = list(loader)
+        assert all(len(c) == 8 for c, _ in batches) and len(batches) == len(loader)
+        lens.append(len(batches))
+    assert lens[0] == lens[1] > 0
+    dropped = CodeLoader(str(tmp_path), batch_size=8, drop_last=True)
+    assert [len(c) for c, _ in dropped] == [8] * (91 // 8)
+
+
+def test_manifest_mismatch_is_a_clear_error(tmp_path):
+    from nextscale.tokenize.vqvae import VQVAE_PRESETS
+
+    cfg = VQVAE_PRESETS["golden_tiny"]
+    _write(tmp_path, [5])
+    manifest = read_manifest(str(tmp_path))
+    manifest.update(vocab_size=cfg.vocab_size, patch_nums=list(cfg.patch_nums), image_size=cfg.image_size,
+                    num_tokens=cfg.num_tokens)
+    check_manifest(manifest, cfg, tokenizer_sha256="abc")
+    with pytest.raises(ManifestMismatch, match="vocab_size=64 but the tokenizer has vocab_size=512"):
+        check_manifest(manifest, dataclasses.replace(cfg, vocab_size=512))
+    with pytest.raises(ManifestMismatch, match="patch_nums"):
+        check_manifest(manifest, types.SimpleNamespace(vocab_size=64, patch_nums=(1, 2, 3, 5), image_size=64,
+                                                       num_tokens=cfg.num_tokens, z_channels=8))
+    with pytest.raises(ManifestMismatch, match="sha256"):
+        check_manifest(manifest, cfg, tokenizer_sha256="def")
+    with pytest.raises(FileNotFoundError, match="nextscale tokenize"):
+        read_manifest(str(tmp_path / "nowhere"))
+
+
+def test_damaged_shard_is_reported(tmp_path):
+    _write(tmp_path, [20, 20])
+    storage.write_bytes(str(tmp_path / sh.shard_name(1)), sh.build_shard([("x", np.zeros((K, L), np.uint16), 0)]))
+    with pytest.raises(ValueError, match="codes-000001.tar holds 1 samples but the manifest says 20"):
+        list(CodeLoader(str(tmp_path), batch_size=8))
