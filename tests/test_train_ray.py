@@ -1,0 +1,102 @@
+"""The prior on 2 Ray Train CPU workers (DDP over gloo): a killed worker is restarted from the latest
+checkpoint and the run ends exactly as an uninterrupted one; rerunning a finished run trains nothing.
+
+Three fits on the session's local Ray instance (~30-60 s each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from nextscale.config import load_config
+from nextscale.prior.config import PriorTrainConfig
+from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.vqvae import build_vqvae
+
+from prior_codes import write_codes
+
+STEPS, CKPT_EVERY, KILL_AT = 8, 3, 3
+
+
+class KillRank1Once:
+    """Mixin for the worker context: rank 1 dies (os._exit) once, after the checkpoint of step KILL_AT is
+    committed, so the restart point is deterministic. ``marker`` (a file) makes it happen only once."""
+
+    marker = ""
+
+    def report(self, metrics, checkpoint_dir=None):
+        import ray.train
+
+        super().report(metrics, checkpoint_dir)
+        if self.rank != 1 or metrics["step"] != KILL_AT or os.path.exists(self.marker):
+            return
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            committed = ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            if any(c.metrics.get("step") == KILL_AT for c in committed):
+                break
+            time.sleep(0.1)
+        with open(self.marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(1)
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("ray-codes")
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), str(root / "tokenizer.pt"))
+    return write_codes(str(root / "codes"), str(root / "tokenizer.pt"), num_samples=32, views=2, seed=0)
+
+
+def _cfg(codes: str, out: str) -> PriorTrainConfig:
+    return load_config(PriorTrainConfig, None, [
+        f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "model.overrides.drop_path_rate=0.1",
+        f"steps={STEPS}", "log_every=1", f"ckpt_every={CKPT_EVERY}", f"output={out}", "num_workers=2",
+        "max_failures=2", "optim.lr=1e-3", "optim.warmup_steps=2", "ray.num_cpus=2"])
+
+
+def _weights(out: str) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out, "prior.pt"), weights_only=False)["state_dict"]
+
+
+def _losses(out: str) -> list[float]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_local, codes, tmp_path):
+    import ray.cloudpickle
+
+    from nextscale.pipelines.train import RayTrainContext, fit, run_prior
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["prior_codes"])
+
+    ref = run_prior(_cfg(codes, str(tmp_path / "ref")))
+    assert (ref["steps"], ref["steps_trained"], ref["workers"]) == (STEPS, STEPS, 2)
+
+    marker = str(tmp_path / "killed")
+    killer = type("Killer", (KillRank1Once, RayTrainContext), {"marker": marker})
+    cfg = _cfg(codes, str(tmp_path / "cut"))
+    result = fit("prior", cfg, context_cls=killer)
+    assert os.path.exists(marker), "rank 1 was never killed"
+    assert result.error is None and result.metrics["step"] == STEPS
+    summary = json.loads(open(tmp_path / "cut" / "train_summary.json").read())
+    # the restarted group resumed from the committed checkpoint of step KILL_AT
+    assert (summary["steps"], summary["steps_trained"]) == (STEPS, STEPS - KILL_AT)
+    assert _losses(str(tmp_path / "cut")) == _losses(str(tmp_path / "ref"))
+    ref_w, cut_w = _weights(str(tmp_path / "ref")), _weights(str(tmp_path / "cut"))
+    assert all(torch.equal(ref_w[k], cut_w[k]) for k in ref_w)
+
+    # the same command again: Ray finds the run by its name, restores the last checkpoint, trains nothing
+    again = run_prior(cfg)
+    assert (again["steps"], again["steps_trained"]) == (STEPS, 0)
+    assert all(torch.equal(ref_w[k], v) for k, v in _weights(str(tmp_path / "cut")).items())
