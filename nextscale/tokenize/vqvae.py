@@ -13,6 +13,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -229,8 +230,8 @@ class MultiScaleQuantizer(nn.Module):
         d_NV.addmm_(z_NC, e_VC.T, alpha=-2, beta=1)
         return torch.argmin(d_NV, dim=1)
 
-    def _residual(self, f_BChw: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Indices (B, pn*pn) per scale and the cumulative f_hat after each scale.
+    def _residual(self, f_BChw: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Indices (B, pn*pn) per scale, the cumulative f_hat after each scale, the quantised inputs (N, Cv).
 
         The f_hat list keeps the graph through the codebook and the Phi convs (the codebook loss needs
         it); the residual that drives the argmin is detached.
@@ -241,13 +242,14 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"latent is {h}x{w} but the last patch_num is {self.patch_nums[-1]}")
         f_rest = f_BChw.detach().clone()
         f_hat = torch.zeros_like(f_rest)
-        idx_list, f_hats = [], []
+        idx_list, f_hats, z_list = [], [], []
         for si, pn in enumerate(self.patch_nums):
             last = si == S - 1
             # no resampling at the last scale: the residual is quantised at full latent resolution
             z_BChw = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            z_NC = z_BChw.permute(0, 2, 3, 1).reshape(-1, C)
             with torch.no_grad():
-                idx_N = self._nearest(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
+                idx_N = self._nearest(z_NC)
             e_BChw = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
             if not last:
                 e_BChw = F.interpolate(e_BChw, size=(h, w), mode="bicubic", align_corners=False)
@@ -256,12 +258,18 @@ class MultiScaleQuantizer(nn.Module):
             f_rest = f_rest - h_BChw.detach()
             idx_list.append(idx_N.reshape(B, pn * pn))
             f_hats.append(f_hat)
-        return idx_list, f_hats
+            z_list.append(z_NC)
+        return idx_list, f_hats, z_list
 
     @torch.no_grad()
     def f_to_idx(self, f_BChw: Tensor) -> list[Tensor]:
         """Latent (any float dtype; quantised in float32) -> [(B, pn*pn) int64] per scale."""
         return self._residual(f_BChw.float())[0]
+
+    @torch.no_grad()
+    def residual_inputs(self, f_BChw: Tensor) -> Tensor:
+        """Every vector the quantiser matches against the codebook for this latent, all scales: (N, Cv)."""
+        return torch.cat(self._residual(f_BChw.float())[2])
 
     def idx_to_fhat(self, idx_list: Sequence[Tensor]) -> list[Tensor]:
         """Cumulative f_hat (B, Cv, h, w) float32 after each given scale (the first k scales if k given)."""
@@ -317,8 +325,11 @@ class MultiScaleQuantizer(nn.Module):
         first term the commitment of the encoder, the second pulling the codebook and Phi convs.
         """
         f_BChw = f_BChw.float()
-        with torch.autocast(device_type=f_BChw.device.type, enabled=False):
-            idx_list, f_hats = self._residual(f_BChw)
+        # the distances and the losses stay in float32 even inside an autocast region
+        no_amp = (torch.autocast(device_type=f_BChw.device.type, enabled=False)
+                  if f_BChw.device.type in ("cpu", "cuda") else contextlib.nullcontext())
+        with no_amp:
+            idx_list, f_hats, _ = self._residual(f_BChw)
             f_detached = f_BChw.detach()
             vq_loss = sum(
                 self.beta * F.mse_loss(f_hat.detach(), f_BChw) + F.mse_loss(f_hat, f_detached) for f_hat in f_hats
@@ -402,8 +413,9 @@ class VQVAE(nn.Module):
     def encode_latent(self, img_B3HW: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
         """f = quant_conv(encoder(img)) in float32; with ``amp_dtype`` the convs run under autocast."""
         self._check_images(img_B3HW)
-        with torch.autocast(device_type=img_B3HW.device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        amp = (torch.autocast(device_type=img_B3HW.device.type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
             f_BChw = self.quant_conv(self.encoder(img_B3HW))
         # the quantiser must see float32: bf16 distances flip near-ties (and the official addmm_ crashes)
         return f_BChw.float()
