@@ -5,8 +5,9 @@ What a submission carries (``ray job submit`` semantics, through :class:`JobSubm
   submitted config file, shipped as the job's ``working_dir`` (the cluster image already has
   nextscale's dependencies: torch, ray[data,train], webdataset, s3fs…; pass ``pip=`` to add more);
 - the environment: storage credentials (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``), wandb
-  (``WANDB_API_KEY``, ``WANDB_MODE``…) and ``NEXTSCALE_IN_RAY_JOB=1`` so that the job's
-  ``init_ray`` does not ship the package a second time;
+  (``WANDB_API_KEY``, ``WANDB_MODE``…), ``NEXTSCALE_IN_RAY_JOB=1`` so that the job's ``init_ray`` does
+  not ship the package a second time, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` so that its ``env_vars``
+  may repeat the job's;
 - the entrypoint ``python -m nextscale.cli <stage> <config> <overrides>``.
 
 Idempotence. The submission id is ``ns-<stage>-<output slug>-<config hash>-<attempt>``: the stage,
@@ -93,6 +94,9 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = dict(os.environ if environ is None else environ)
     env = {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
     env["NEXTSCALE_IN_RAY_JOB"] = "1"
+    # init_ray in the job passes the storage/wandb variables again (plus what storage.configure set from the
+    # config): let the driver's values win instead of Ray refusing the overlap with the job's runtime env
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     return env
 
 
@@ -173,7 +177,7 @@ def client(address: str | None = None):
     address = dashboard_address(address)
     try:
         return JobSubmissionClient(address, headers=auth_headers())
-    except (RuntimeError, ConnectionError) as e:
+    except Exception as e:  # ConnectionError, RuntimeError, ray.exceptions.AuthenticationError
         text = str(e)
         if "uthenticat" in text or "401" in text or "403" in text:
             raise SubmitError(f"the cluster at {address} refused the request: {text.splitlines()[0]}; set "
