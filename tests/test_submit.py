@@ -16,12 +16,12 @@ import types
 
 import pytest
 import yaml
+from ray_head import REPO, RayHead, dashboard_deps_path
 
 from nextscale import storage
 from nextscale.cli import main as cli_main
 from nextscale.config import ConfigError
 from nextscale.pipelines import submit as sub
-from ray_head import REPO, RayHead, dashboard_deps_path
 
 
 def _yaml(path, data) -> str:
