@@ -41,6 +41,9 @@ from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_v
 log = logging.getLogger(__name__)
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# memory reserved per decode task (a shard's bytes + decoded views). Declaring it also keeps Ray Data from fusing
+# decoding into the encoder actors, which would serialise every decode behind the encoder.
+DECODE_TASK_MEMORY = 256 * 2**20
 
 
 class InputError(ValueError):
@@ -362,12 +365,6 @@ def write_shard(cfg: TokenizeConfig, task_index: int, digest: str, fingerprint: 
     return part
 
 
-def _spread() -> dict:
-    """Decode tasks spread over the cluster's nodes; a remote-args function also keeps Ray Data from fusing
-    decoding into the encoder actors (which would serialise it behind the encoder)."""
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def _use_gpu(cfg: TokenizeConfig) -> bool:
     if cfg.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
@@ -436,12 +433,15 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
     rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url})} for t in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
-        read_and_views, batch_size=1, batch_format="numpy", num_cpus=1, ray_remote_args_fn=_spread,
+        read_and_views, batch_size=1, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
+        scheduling_strategy="SPREAD",
+        resources=dict(cfg.decode_resources),
         fn_kwargs=dict(image_size=size, views=cfg.views, augmentation=cfg.augmentation, crop_ratio=cfg.crop_ratio,
                        seed=cfg.seed, min_side=cfg.min_image_side, chunk=chunk, read_threads=cfg.read_threads))
     ds = ds.map_batches(
         ShardChunkEncoder, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_enc), num_gpus=1 if gpu else 0, num_cpus=cfg.encoder_num_cpus,
+        resources=dict(cfg.encoder_resources),
         fn_constructor_kwargs=dict(tokenizer_box=[tok_payload], preset=cfg.tokenizer_preset, seed=cfg.seed,
                                    precision=cfg.precision, views=cfg.views, image_size=size,
                                    num_threads=int(cfg.encoder_num_cpus)))

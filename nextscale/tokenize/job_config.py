@@ -40,6 +40,9 @@ class TokenizeConfig:
     num_encoders: int = doc(0, "encoder actors; 0 = one per GPU, or 1 without GPUs")
     encoder_num_cpus: float = doc(1.0, "CPUs reserved per encoder actor (its torch threads when on CPU)")
     use_gpu: Literal["auto", True, False] = doc("auto", "encode on GPUs: auto = when the Ray cluster has any")
+    decode_resources: dict[str, float] = doc({}, "custom Ray resources per decode task, e.g. {decode: 1} to keep "
+                                                 "decoding on the nodes that advertise them (configs/cluster)")
+    encoder_resources: dict[str, float] = doc({}, "custom Ray resources per encoder actor, e.g. {encode: 1}")
     read_threads: int = doc(8, "threads reading image bytes inside each shard task (object-store latency)")
     ray: RayConfig = doc(RayConfig(), "Ray cluster")
     storage: StorageConfig = doc(StorageConfig(), "object storage")
