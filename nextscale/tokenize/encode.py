@@ -109,5 +109,5 @@ class CodeEncoder:
         views = np.asarray(batch["views"])
         B, K = views.shape[:2]
         out = {k: v for k, v in batch.items() if k != "views"}
-        out["codes"] = self.encode_views(views.reshape(B * K, *views.shape[2:])).reshape(B, K, -1)
+        out["codes"] = self.encode_views(views.reshape(B * K, *views.shape[2:])).reshape(B, K, self.num_tokens)
         return out

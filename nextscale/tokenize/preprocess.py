@@ -32,7 +32,7 @@ def decode_image(data: bytes, min_side: int = 16) -> tuple[Image.Image | None, s
             img = Image.open(io.BytesIO(data))
             img.load()
     except UnidentifiedImageError:
-        return None, "not an image (no known image format)"
+        return None, "not an image, or its header is corrupt (no known image format)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"too large to decode safely ({e})"
     except (OSError, SyntaxError, ValueError, EOFError) as e:
