@@ -31,7 +31,7 @@ class TokenizeConfig:
     crop_ratio: float = doc(1.125, "official augmentation: shorter side resized to round(crop_ratio * image_size)")
     min_image_side: int = doc(16, "images whose shorter side is below this are rejected (too small to upsample)")
     samples_per_shard: int = doc(1000, "images per output shard (ImageFolder input; webdataset input keeps its tars 1:1)")
-    max_images: int = doc(0, "use only the first N listed images (0 = all; smoke tests and benchmarks)")
+    max_images: int = doc(0, "ImageFolder input: use only the first N listed files (0 = all; smoke tests, benchmarks)")
     output: str = doc("runs/demo/codes", "output URL: codes-*.tar, index.parquet, manifest.json, config.yaml")
     seed: int = doc(0, "seed of the crops (with the image key and view) and of preset random weights")
     batch_size: int = doc(64, "images (views) per encoder call; also the unit of deterministic batching")
