@@ -4,7 +4,8 @@ One file ``state.pt`` in a local folder (the TrainContext persists the folder): 
 taken from the unwrapped module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare VAR),
 EMA weights if any, optimizer, GradScaler, step, epoch, every rank's loader position and RNG states
 (CPU, CUDA, numpy, python), the metric history and the resolved config. With FSDP the model and
-optimizer states are gathered to full (unsharded) tensors, so a checkpoint loads under any strategy.
+optimizer states are gathered to full (unsharded) tensors, so the weights load anywhere; the FSDP
+optimizer state is keyed by parameter name and resumes under FSDP.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def is_sharded(model: nn.Module) -> bool:
 
     return any(isinstance(p, DTensor) for p in model.parameters()) or any(
         type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The unwrapped model's full state dict on the CPU (collective under FSDP: call it on every rank)."""
+    model = unwrap_model(model)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -371,11 +371,10 @@ def _write_metrics(output: str, history: list[dict]) -> None:
     storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
 
 
-def save_prior(url: str, model: VAR, **extra: Any) -> None:
+def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> None:
     """``{"config": VARConfig as a dict, "state_dict": ...}`` (+ extra keys) written atomically to ``url``."""
     buf = io.BytesIO()
-    state_dict = {k: v.detach().cpu() for k, v in checkpoint.unwrap_model(model).state_dict().items()}
-    torch.save({"config": to_dict(model.cfg), "state_dict": state_dict, **extra}, buf)
+    torch.save({"config": to_dict(var_cfg), "state_dict": state_dict, **extra}, buf)
     storage.write_bytes(url, buf.getvalue())
 
 
@@ -393,8 +392,9 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model:
         "minutes": (time.time() - t_start) / 60, "output": cfg.output,
         "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
     }
+    state_dict = checkpoint.full_model_state(model)  # every rank: a collective under FSDP
     if ctx.rank == 0:
-        save_prior(summary["prior_url"], model, tokenizer=tokenizer, step=step)
+        save_prior(summary["prior_url"], var_cfg, state_dict, tokenizer=tokenizer, step=step)
         _write_metrics(cfg.output, history)
         storage.write_text(storage.join(cfg.output, "train_summary.json"), json.dumps(summary, indent=1))
         log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
