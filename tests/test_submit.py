@@ -121,7 +121,7 @@ def ray_head():
     if dashboard_deps_path() is None:
         pytest.skip("a Ray head with the job API needs ray[default]'s dashboard dependencies: pip install 'ray[default]'")
     token = secrets.token_hex(16)
-    with RayHead(num_cpus=2, token=token) as head:
+    with RayHead(num_cpus=4, token=token) as head:
         yield types.SimpleNamespace(address=head.address, token=token)
 
 
@@ -149,9 +149,90 @@ def test_missing_token_is_a_clear_error(ray_head, monkeypatch, tmp_path):
         sub.client(ray_head.address)
 
 
+def _images(root: str, classes: int, per_class: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for c in range(classes):
+        for j in range(per_class):
+            img = Image.fromarray(np.random.default_rng((c, j)).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG")
+            storage.write_bytes(f"{root}/c{c}/img{j}.jpg", buf.getvalue())
+
+
+def _run(stage: str, config: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return sub.submit(stage, config, [], out=out), out.getvalue()
+
+
+def _attempts(prefix: str) -> list[str]:
+    return sorted(j.submission_id for j in sub.client().list_jobs() if j.submission_id.startswith(prefix + "-"))
+
+
 @pytest.mark.slow
-def test_submit_runs_the_stage_and_resubmission_attaches_then_starts_a_new_attempt(cluster_env, s3_bucket, tmp_path):
-    args = ["stages=[]", f"data={tmp_path}/demo", f"results={s3_bucket}/demo/results.json"]
+def test_tokenize_train_fid_chain_through_the_job_api_and_resubmission_resumes(cluster_env, s3_bucket, tmp_path):
+    """The three stages as jobs on the head, reading and writing only the bucket (the head has no AWS_*:
+    the credentials travel with each submission); resubmitting a finished job resumes from its output."""
+    import torch
+
+    from nextscale.tokenize.convert import save_tokenizer
+    from nextscale.tokenize.vqvae import build_vqvae
+
+    b = s3_bucket
+    _images(f"{b}/images", classes=2, per_class=4)
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), f"{b}/weights/tokenizer.pt")  # 64 px, V=64, scales (1, 2, 3, 4)
+    tok = _yaml(tmp_path / "tokenize.yaml", {
+        "input": f"{b}/images", "tokenizer": f"{b}/weights/tokenizer.pt", "output": f"{b}/codes",
+        "samples_per_shard": 4, "batch_size": 4, "use_gpu": False, "num_encoders": 1})
+    prior = _yaml(tmp_path / "prior.yaml", {
+        "model": {"preset": "golden_tiny", "overrides": {"num_classes": 2}},
+        "data": {"url": f"{b}/codes", "batch_size": 4, "shuffle_buffer": 4},
+        "optim": {"lr": 1e-3, "warmup_steps": 1}, "steps": 3, "log_every": 1, "ckpt_every": 2,
+        "num_workers": 1, "max_failures": 0, "output": f"{b}/prior"})
+    fid = _yaml(tmp_path / "fid.yaml", {
+        "models": {"prior_url": f"{b}/prior/prior.pt", "tokenizer_url": f"{b}/weights/tokenizer.pt"},
+        "num_samples": 8, "num_classes": 2, "samples_per_class": 4, "group_size": 4, "num_sampler_actors": 1,
+        "device": "cpu", "feature_extractor": "random-conv-test", "feature_batch_size": 8,
+        "reference": {"images": f"{b}/images"}, "inception_score": False, "precision_recall": False,
+        "output": f"{b}/fid"})
+
+    code, logs = _run("tokenize", tok)
+    assert code == 0, logs[-4000:]
+    manifest = json.loads(storage.read_text(f"{b}/codes/manifest.json"))
+    assert manifest["num_samples"] == 8 and len(manifest["shards"]) == 2
+    assert _summary(logs)["shards_made"] == 2
+
+    code, logs = _run("train-prior", prior)
+    assert code == 0, logs[-4000:]
+    assert storage.exists(f"{b}/prior/prior.pt")
+    assert (_summary(logs)["steps"], _summary(logs)["steps_trained"]) == (3, 3)
+
+    code, logs = _run("fid", fid)
+    assert code == 0, logs[-4000:]
+    result = json.loads(storage.read_text(f"{b}/fid/fid.json"))
+    assert result["num_samples"] == 8 and result["fid"] >= 0 and result == _summary(logs)
+
+    # the same submissions again: new attempts that find their work done
+    shard_bytes = {n: storage.read_bytes(f"{b}/codes/{n}") for n in storage.listdir(f"{b}/codes", ".tar")}
+    code, logs = _run("tokenize", tok)
+    assert code == 0, logs[-4000:]
+    assert (_summary(logs)["shards_made"], _summary(logs)["shards_skipped"]) == (0, 2)
+    assert {n: storage.read_bytes(f"{b}/codes/{n}") for n in storage.listdir(f"{b}/codes", ".tar")} == shard_bytes
+    code, logs = _run("train-prior", prior)
+    assert code == 0, logs[-4000:]
+    assert (_summary(logs)["steps"], _summary(logs)["steps_trained"]) == (3, 0)
+    for stage, config in (("tokenize", tok), ("train-prior", prior)):
+        prefix = sub.plan(stage, config).id_prefix
+        assert _attempts(prefix) == [f"{prefix}-1", f"{prefix}-2"]
+        info = sub.client().get_job_info(f"{prefix}-2")
+        assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
+
+
+@pytest.mark.slow
+def test_submitting_a_running_job_again_attaches_to_it(cluster_env, tmp_path):
+    args = ["stages=[]", f"data={tmp_path}/demo", f"results={tmp_path}/results.json"]
     job = sub.plan("demo", None, args)
     client = sub.client()
     first, attached = sub.submit_or_attach(client, job, None)
@@ -159,24 +240,14 @@ def test_submit_runs_the_stage_and_resubmission_attaches_then_starts_a_new_attem
     assert (first, attached, again, attached_again) == (f"{job.id_prefix}-1", False, first, True)
     out = io.StringIO()
     assert sub.submit("demo", None, args, out=out) == 0, out.getvalue()[-3000:]  # attaches, streams the logs
-    assert [j.submission_id for j in client.list_jobs() if j.submission_id.startswith(job.id_prefix)] == [first]
-    results = json.loads(storage.read_text(f"{s3_bucket}/demo/results.json"))  # written through forwarded AWS_*
-    assert results["dataset"]["counts"] == {"train": 300, "val": 50}
-    assert _summary(out.getvalue())["dataset"] == results["dataset"]
-    info = client.get_job_info(first)
-    assert info.runtime_env["env_vars"]["NEXTSCALE_IN_RAY_JOB"] == "1"
-    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
-    # finished: the same submission again is a new attempt
-    assert sub.submit("demo", None, args, wait=False) == 0
-    assert sorted(j.submission_id for j in client.list_jobs() if j.submission_id.startswith(job.id_prefix)) == [
-        first, f"{job.id_prefix}-2"]
-    assert sub.follow(client, f"{job.id_prefix}-2", io.StringIO()) == "SUCCEEDED"
+    assert _attempts(job.id_prefix) == [first]
+    assert _summary(out.getvalue())["dataset"]["counts"] == {"train": 300, "val": 50}
 
 
 @pytest.mark.slow
 def test_a_failing_job_returns_its_exit_status(cluster_env, tmp_path):
+    (tmp_path / "file").write_text("")
     out = io.StringIO()
-    code = sub.submit("demo", None, ["stages=[]", f"data={tmp_path}/demo", "results=s3://no-such-bucket-here/r.json"],
-                      out=out)
-    assert code != 0
-    assert "no-such-bucket-here" in out.getvalue() or "NoSuchBucket" in out.getvalue()
+    code = sub.submit("demo", None, ["stages=[]", f"data={tmp_path}/file/demo"], out=out)  # a folder under a file
+    assert code == 1, out.getvalue()[-3000:]
+    assert "NotADirectoryError" in out.getvalue()
