@@ -183,3 +183,22 @@ def test_demo_configs_load():
     d30 = load_config(PriorTrainConfig, os.path.join(root, "prior_d30.yaml"))
     assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
 
+
+
+def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):
+    """Codes, tokenizer, checkpoints and outputs all on S3 (moto server); a rerun resumes and trains nothing."""
+    from nextscale import storage
+    from nextscale.pipelines.train import run_prior
+
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), f"{s3_bucket}/tokenizer.pt")
+    codes_url = write_codes(f"{s3_bucket}/codes", f"{s3_bucket}/tokenizer.pt", num_samples=16, views=1, seed=0)
+    cfg = _cfg(codes_url, f"{s3_bucket}/prior", "steps=4", "ckpt_every=2")
+    first = run_prior(cfg)
+    assert (first["steps"], first["steps_trained"]) == (4, 4)
+    assert storage.listdir(f"{s3_bucket}/prior/checkpoints") == ["step-00000002", "step-00000004"]
+    assert load_prior(f"{s3_bucket}/prior/prior.pt").cfg.vocab_size == 64
+    rows = [json.loads(line) for line in storage.read_text(f"{s3_bucket}/prior/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    again = run_prior(cfg)
+    assert (again["steps"], again["steps_trained"]) == (4, 0)
