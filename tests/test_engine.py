@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from prior_codes import write_codes
 
 from nextscale.config import ConfigError, load_config
 from nextscale.prior.config import PriorTrainConfig
@@ -14,8 +15,6 @@ from nextscale.prior.engine import active_scales, load_prior, train_prior
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
-
-from prior_codes import write_codes
 
 
 @pytest.fixture(autouse=True)

@@ -13,13 +13,12 @@ import time
 
 import pytest
 import torch
+from prior_codes import write_codes
 
 from nextscale.config import load_config
 from nextscale.prior.config import PriorTrainConfig
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
-
-from prior_codes import write_codes
 
 STEPS, CKPT_EVERY, KILL_AT = 8, 3, 3
 
