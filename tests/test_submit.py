@@ -98,6 +98,52 @@ def test_attempt_numbers_and_live_attempts():
     assert [n for n, _ in sub._attempts(jobs, "ns-x")] == [1, 2, 3]
 
 
+class FakeJobs:
+    """A JobSubmissionClient stand-in: scripted job lists, statuses and logs."""
+
+    def __init__(self, listings=(), statuses=(), logs="", stream_upto=None):
+        self.listings, self.statuses, self.logs, self.stream_upto = list(listings), list(statuses), logs, stream_upto
+        self.submitted = []
+
+    def list_jobs(self):
+        return self.listings.pop(0) if len(self.listings) > 1 else self.listings[0]
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        if self.submitted == [] and self.stream_upto == "race":
+            self.submitted.append(None)
+            raise RuntimeError(f"Job with submission_id {submission_id} already exists. Please use a different one.")
+        assert os.path.isfile(os.path.join(runtime_env["working_dir"], "nextscale", "cli.py"))
+        self.submitted.append(submission_id)
+
+    async def tail_job_logs(self, job_id):
+        yield self.logs[: self.stream_upto]
+        raise RuntimeError("connection closed unexpectedly")
+
+    def get_job_status(self, job_id):
+        return self.statuses.pop(0)
+
+    def get_job_logs(self, job_id):
+        return self.logs
+
+
+def test_follow_falls_back_to_polling_without_repeating_lines():
+    jobs = FakeJobs(statuses=["RUNNING", "SUCCEEDED"], logs="line 1\nline 2\nline 3\n", stream_upto=7)
+    out = io.StringIO()
+    assert sub.follow(jobs, "id", out, poll_s=0) == "SUCCEEDED"
+    assert out.getvalue() == "line 1\nline 2\nline 3\n"
+
+
+def test_a_concurrent_submission_of_the_same_attempt_is_joined(tmp_path):
+    job = sub.plan("tokenize", None, ["output=o"])
+    live = types.SimpleNamespace(submission_id=f"{job.id_prefix}-3", status="PENDING")
+    done = types.SimpleNamespace(submission_id=f"{job.id_prefix}-2", status="FAILED")
+    jobs = FakeJobs(listings=[[done], [done, live]], stream_upto="race")
+    assert sub.submit_or_attach(jobs, job, None) == (f"{job.id_prefix}-3", True)
+    jobs = FakeJobs(listings=[[done]])
+    assert sub.submit_or_attach(jobs, job, None) == (f"{job.id_prefix}-3", False)
+    assert jobs.submitted == [f"{job.id_prefix}-3"]
+
+
 def test_errors_before_anything_is_sent(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)

@@ -220,29 +220,29 @@ def submit_or_attach(job_client, job: JobPlan, config_path: str | None, *, pip: 
 
 def follow(job_client, submission_id: str, out: TextIO, poll_s: float = 1.0) -> str:
     """Stream the job's logs to ``out`` until it ends; returns the final status."""
+    streamed = [0]  # characters written by the log stream
 
     async def tail() -> None:
         async for chunk in job_client.tail_job_logs(submission_id):
             out.write(chunk)
             out.flush()
+            streamed[0] += len(chunk)
 
-    written = 0
     try:
         asyncio.run(tail())
-    except Exception as e:  # the websocket can drop (proxy timeouts); poll the full log instead
+        polling = False
+    except Exception as e:  # the websocket can drop (proxy timeouts): poll the log from where the stream stopped
         log.warning("log stream of %s broke (%s); polling", submission_id, e)
-        written = -1
+        polling = True
     while True:
         status = str(job_client.get_job_status(submission_id))
-        if written >= 0 and status in TERMINAL:
-            return status
-        if written < 0 or status in TERMINAL:
+        if polling:
             text = job_client.get_job_logs(submission_id)
-            out.write(text[max(written, 0):])
+            out.write(text[streamed[0]:])
             out.flush()
-            written = len(text)
-            if status in TERMINAL:
-                return status
+            streamed[0] = max(streamed[0], len(text))
+        if status in TERMINAL:
+            return status
         time.sleep(poll_s)
 
 
