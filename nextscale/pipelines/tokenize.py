@@ -34,7 +34,6 @@ from nextscale import storage
 from nextscale.config import RayConfig, dump_yaml
 from nextscale.pipelines.common import init_ray
 from nextscale.tokenize import shards as sh
-from nextscale.tokenize.encode import CodeEncoder, load_job_tokenizer
 from nextscale.tokenize.job_config import TokenizeConfig
 from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_views
 
@@ -290,6 +289,8 @@ class ShardChunkEncoder:
                  image_size: int, num_threads: int):
         import torch
 
+        from nextscale.tokenize.encode import CodeEncoder
+
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, num_threads))
         tokenizer = tokenizer_box[0]
@@ -298,6 +299,7 @@ class ShardChunkEncoder:
         self.views, self.image_size = views, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.time()
         codes = []
         for blob, n in zip(batch["views"], batch["n_ok"]):
             s = self.image_size
@@ -305,6 +307,8 @@ class ShardChunkEncoder:
             codes.append(self.encoder({"views": v})["codes"].tobytes())
         out = {k: v for k, v in batch.items() if k != "views"}
         out["codes"] = np.array(codes, dtype=object)
+        # encoder busy intervals (wall clock): the driver measures how well decoding keeps the encoder fed
+        out["t0"], out["t1"] = np.full(len(codes), t0), np.full(len(codes), time.time())
         return out
 
 
@@ -373,6 +377,8 @@ def _use_gpu(cfg: TokenizeConfig) -> bool:
 
 def run(cfg: TokenizeConfig) -> dict:
     """Run (or resume) the tokenize job; returns a JSON-able summary."""
+    from nextscale.tokenize.encode import load_job_tokenizer
+
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     tasks, classes, fmt = plan_shards(cfg)
@@ -396,9 +402,12 @@ def run(cfg: TokenizeConfig) -> dict:
              len(tasks), cfg.input, fmt, len(parts), len(todo), cfg.output)
 
     t_job = time.perf_counter()
-    made_images = 0
+    made_images, timing = 0, {"encode_span_s": 0.0, "encode_busy_s": 0.0}
     if todo:
-        made_images = _run_ray(cfg, todo, tok, fingerprint, size, L, parts)
+        made_images, timing = _run_ray(cfg, todo, tok, fingerprint, size, L, parts)
+    span = timing["encode_span_s"]
+    # images/s from the encoder's first batch to its last: start-up excluded, starvation by decoding included
+    steady = made_images / span if made_images and span > 0 else 0.0
     job_s = time.perf_counter() - t_job
 
     manifest, rows = _collect(cfg, tasks, parts, classes, fmt, tok, vq)
@@ -412,6 +421,8 @@ def run(cfg: TokenizeConfig) -> dict:
                "shards_made": len(todo), "shards_skipped": len(tasks) - len(todo), "listed": manifest.num_listed,
                "accepted": manifest.num_samples, "rejected": manifest.num_rejected, "classes": manifest.num_classes,
                "views": views, "num_tokens": L, "images_processed": made_images, "img_per_s": round(rate, 2),
+               "steady_img_per_s": round(steady, 2),
+               "encoder_busy_fraction": round(timing["encode_busy_s"] / span, 3) if span > 0 else 0.0,
                "job_seconds": round(job_s, 2), "seconds": round(total_s, 2), "tokenizer_sha256": tok["sha256"]}
     log.info(
         "tokenize finished in %.1f s: %d images listed from %s, %d encoded into %d shards (%d made now, %d already "
@@ -423,7 +434,8 @@ def run(cfg: TokenizeConfig) -> dict:
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint: str, size: int, L: int,
-             parts: dict[int, dict]) -> int:
+             parts: dict[int, dict]) -> tuple[int, dict[str, float]]:
+    """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
     gpu = _use_gpu(cfg)
     n_enc = cfg.num_encoders or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
@@ -447,8 +459,10 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
                                    num_threads=int(cfg.encoder_num_cpus)))
     digests = {t.index: t.digest() for t in todo}
     pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
-    images = 0
+    images, t_first, t_last, busy = 0, float("inf"), 0.0, 0.0
     for row in ds.iter_rows():
+        t_first, t_last = min(t_first, float(row["t0"])), max(t_last, float(row["t1"]))
+        busy += float(row["t1"]) - float(row["t0"])
         s, c, nc = int(row["shard"]), int(row["chunk"]), int(row["num_chunks"])
         pending.setdefault(s, {})[c] = (json.loads(row["records"]), bytes(row["codes"]))
         if len(pending[s]) == nc:
@@ -459,7 +473,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
                      len(part["records"]) - part["num_samples"])
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} did not receive all their chunks; re-run to finish them")
-    return images
+    return images, {"encode_span_s": max(0.0, t_last - t_first), "encode_busy_s": busy}
 
 
 def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict], classes: list[str], fmt: str,
@@ -495,34 +509,50 @@ def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict]
 # Benchmark: the whole job vs the tokenizer's encode-only rate (same tokenizer, same process, same run)
 
 
-def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", batch_size: int = 64,
-                       ray_cfg: RayConfig | None = None, views: int = 1, encoder_num_cpus: float = 1.0,
-                       encode_seconds: float = 5.0) -> dict:
-    """Images/s of the tokenize job on ImageFolder ``data`` beside encode-only images/s of the same tokenizer.
-
-    Encode-only runs in this process with as many torch threads as the job gives its encoder actor.
-    """
+def _encode_only(tokenizer_preset: str, batch_size: int, num_threads: int, seconds: float) -> float:
+    """Views/s of the bare tokenizer on random views, in a Ray worker set up like the job's encoder actor."""
     import torch
 
+    from nextscale.tokenize.encode import CodeEncoder
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, num_threads))
+    enc = CodeEncoder(tokenizer_preset, seed=0)
+    s = enc.image_size
+    x = np.random.default_rng(0).integers(0, 256, (batch_size, 1, s, s, 3), dtype=np.uint8)
+    enc({"views": x})  # warm-up
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds or n < 2 * batch_size:
+        enc({"views": x})
+        n += batch_size
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", batch_size: int = 64,
+                       ray_cfg: RayConfig | None = None, views: int = 1, encoder_num_cpus: float = 1.0,
+                       num_shards: int = 8, encode_seconds: float = 5.0) -> dict:
+    """Images/s of the tokenize job on ImageFolder ``data`` beside encode-only images/s of the same tokenizer.
+
+    Encode-only runs in a Ray worker with the encoder actor's resources (CPUs/threads, GPU), on random views
+    of the tokenizer's size, right before the job. The job splits the images into ``num_shards`` shards so
+    that decoding runs beside encoding. ``job_img_per_s`` is wall-clock over the whole job (start-up included);
+    ``steady_img_per_s`` spans the encoder's first to last batch (start-up excluded, any wait for decoded
+    images included).
+    """
+    n_images = len(list_imagefolder(data, None)[0])
     cfg = TokenizeConfig(input=data, output=out, tokenizer=tokenizer_preset, views=views, batch_size=batch_size,
-                         encoder_num_cpus=encoder_num_cpus, ray=ray_cfg or RayConfig())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(encoder_num_cpus)))
-    try:
-        enc = CodeEncoder(tokenizer_preset, seed=0)
-        s = enc.image_size
-        x = np.random.default_rng(0).integers(0, 256, (batch_size, 1, s, s, 3), dtype=np.uint8)
-        enc({"views": x})  # warm-up
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < encode_seconds or n < 2 * batch_size:
-            enc({"views": x})
-            n += batch_size
-        encode_rate = n / (time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
+                         samples_per_shard=max(1, -(-n_images // num_shards)), encoder_num_cpus=encoder_num_cpus,
+                         ray=ray_cfg or RayConfig())
     init_ray(cfg.ray)
+    gpu = _use_gpu(cfg)
+    probe = ray.remote(num_cpus=encoder_num_cpus, num_gpus=1 if gpu else 0)(_encode_only)
+    views_per_s = ray.get(probe.remote(tokenizer_preset, batch_size, int(encoder_num_cpus), encode_seconds))
     summary = run(cfg)
-    job_rate = summary["images_processed"] / summary["job_seconds"]
-    return {"encode_img_per_s": encode_rate * 1.0 / views, "job_img_per_s": job_rate,
-            "images": summary["images_processed"], "views": views, "tokenizer": tokenizer_preset,
-            "job_seconds": summary["job_seconds"]}
+    return {"encode_img_per_s": views_per_s / views,
+            "job_img_per_s": summary["images_processed"] / summary["job_seconds"],
+            "steady_img_per_s": summary["steady_img_per_s"],
+            "encoder_busy_fraction": summary["encoder_busy_fraction"], "images": summary["images_processed"],
+            "views": views, "tokenizer": tokenizer_preset, "job_seconds": summary["job_seconds"],
+            "encoder_threads": max(1, int(encoder_num_cpus)), "gpu": gpu}
