@@ -214,7 +214,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         total_steps = cfg.steps
         steps_per_epoch = max(1, num_samples(manifest) // global_batch) if _has_count(manifest) else 0
     else:
-        steps_per_epoch = max(1, math.ceil(num_samples(manifest) / global_batch))
+        steps_per_epoch = max(1, num_samples(manifest) // global_batch)  # the loader drops partial batches
         total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     o = cfg.optim
     if o.warmup_steps >= 0:
