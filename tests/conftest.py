@@ -75,7 +75,7 @@ def ray_local(s3_server):
     import ray
 
     ray.init(
-        num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=300 * 1024**2,
+        address="local", num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=300 * 1024**2,
         runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
         log_to_driver=False,
     )

@@ -37,7 +37,8 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        kwargs = {"include_dashboard": False, "runtime_env": runtime_env}
+        # address="local": never attach to some other Ray instance that happens to run on this machine
+        kwargs = {"address": "local", "include_dashboard": False, "runtime_env": runtime_env}
         if cfg.num_cpus:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory_mb:
