@@ -105,6 +105,23 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
     assert np.asarray(decode_image(_encode(rgba, "PNG"))[0]).min() == 255
 
 
+def test_webdataset_samples_without_image_or_valid_label_are_rejected(tmp_path):
+    from nextscale.pipelines.tokenize import read_and_views
+
+    jpg = _encode(_photo(0), "JPEG")
+    (tmp_path / "in.tar").write_bytes(_wds_tar([("x/a", jpg, 1), ("x/b", jpg, 5), ("x/c", jpg, None), ("x/d.e", jpg, 0)]))
+    task = {"index": 3, "kind": "tar", "items": [], "url": str(tmp_path / "in.tar"), "num_classes": 2}
+    chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=64, views=1,
+                                 augmentation="center", crop_ratio=1.125, seed=0, min_side=16, chunk=64,
+                                 read_threads=1))
+    records = json.loads(chunks[0]["records"][0])
+    assert [(r["key"], r["status"], r["reason"][:20]) for r in records] == [
+        ("x/a", "accepted", ""), ("x/b", "rejected", "label 5 is outside t"),
+        ("x/c", "rejected", "missing or non-integ"),
+        ("x/d", "rejected", "no image member (jpg")]  # webdataset keys end at the first dot: "e.jpg" is no jpg
+    assert records[1]["source"] == f"{tmp_path / 'in.tar'}#x/b" and int(chunks[0]["n_ok"][0]) == 1
+
+
 def test_views_depend_only_on_seed_key_and_view():
     img = _photo(7, (120, 80))
     kw = dict(image_size=64, views=3, augmentation="official", crop_ratio=1.125)
@@ -228,18 +245,20 @@ def test_killed_job_resumes_to_the_same_bytes(ray_local, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "nextscale.cli", "tokenize", f"input={tmp_path / 'in'}", f"output={out_b}",
            f"tokenizer={TOKENIZER}"] + [f"{k}={v}" for k, v in args.items()]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "job.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=log)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             if out_b.is_dir() and any(n.endswith(".tar") for n in os.listdir(out_b)):
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it wrote a shard"
+        assert proc.poll() is None, "the job ended before it wrote a shard:\n" + \
+            (tmp_path / "job.log").read_text()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
     partial = sorted(n for n in os.listdir(out_b) if n.endswith(".tar"))
     assert 1 <= len(partial) and not (out_b / sh.MANIFEST).exists()
     # also a crash between a shard and its record, and a leftover temporary file

@@ -203,8 +203,9 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
 # Workers: read + decode + views (CPU tasks), encode (actor pool)
 
 
-def _read_tar_items(url: str) -> list[tuple[dict, bytes]]:
-    """Samples of a webdataset image tar as (item, image bytes); missing image/label -> a rejected item."""
+def _read_tar_items(url: str, num_classes: int = 0) -> list[tuple[dict, bytes]]:
+    """Samples of a webdataset image tar as (item, image bytes); a missing image or a missing/out-of-range
+    label (``num_classes`` > 0: the class list's size) makes a rejected item."""
     groups: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url)), mode="r:*") as tar:
@@ -229,6 +230,9 @@ def _read_tar_items(url: str) -> list[tuple[dict, bytes]]:
             label = int(g.get("cls", b"").decode().strip())
         except ValueError:
             reason = "missing or non-integer 'cls' label"
+        if not reason and (label < 0 or 0 < num_classes <= label):
+            reason = f"label {label} is outside the class list (0..{num_classes - 1})" if num_classes else \
+                f"negative label {label}"
         if ext is None:
             reason = f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) in the sample"
         item = {"key": _dedupe(sh.sanitize_key(key), seen), "source": f"{url}#{key}", "label": label, "reason": reason}
@@ -255,7 +259,7 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
     task = json.loads(batch["task"][0])
     if task["kind"] == "tar":
         try:
-            pairs = _read_tar_items(task["url"])
+            pairs = _read_tar_items(task["url"], task.get("num_classes", 0))
         except (OSError, tarfile.TarError) as e:
             raise InputError(f"cannot read input tar {task['url']}: {e}; fix or remove it") from e
         items, blobs = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -404,7 +408,7 @@ def run(cfg: TokenizeConfig) -> dict:
     t_job = time.perf_counter()
     made_images, timing = 0, {"encode_span_s": 0.0, "encode_busy_s": 0.0}
     if todo:
-        made_images, timing = _run_ray(cfg, todo, tok, fingerprint, size, L, parts)
+        made_images, timing = _run_ray(cfg, todo, tok, fingerprint, size, L, parts, len(classes))
     span = timing["encode_span_s"]
     # images/s from the encoder's first batch to its last: start-up excluded, starvation by decoding included
     steady = made_images / span if made_images and span > 0 else 0.0
@@ -434,7 +438,7 @@ def run(cfg: TokenizeConfig) -> dict:
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint: str, size: int, L: int,
-             parts: dict[int, dict]) -> tuple[int, dict[str, float]]:
+             parts: dict[int, dict], num_classes: int) -> tuple[int, dict[str, float]]:
     """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
     gpu = _use_gpu(cfg)
@@ -442,7 +446,8 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
     # the tokenizer goes through the object store: workers need no access to the driver's files
     tok_payload = cfg.tokenizer if tok["kind"] == "random_init" else ray.put(storage.read_bytes(cfg.tokenizer))
     chunk = max(1, cfg.batch_size // cfg.views)
-    rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url})} for t in todo]
+    rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url,
+                                 "num_classes": num_classes})} for t in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         read_and_views, batch_size=1, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
