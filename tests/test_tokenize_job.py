@@ -105,6 +105,26 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
     assert np.asarray(decode_image(_encode(rgba, "PNG"))[0]).min() == 255
 
 
+def test_imagefolder_on_s3_is_listed_and_read(s3_bucket, tmp_path):
+    from nextscale.pipelines.tokenize import plan_shards, read_and_views
+
+    expected = _bad_folder(tmp_path / "in")
+    for p in (tmp_path / "in").rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            storage.write_bytes(f"{s3_bucket}/train/{p.relative_to(tmp_path / 'in')}", p.read_bytes())
+    tasks, classes, fmt = plan_shards(_cfg(f"{s3_bucket}/train", f"{s3_bucket}/codes", samples_per_shard=100))
+    assert (fmt, classes, len(tasks)) == ("imagefolder", ["bird", "cat", "dog"], 1)
+    assert tasks[0].items[0]["source"] == f"{s3_bucket}/train/bird/unknown.jpg"
+    task = {"index": 0, "kind": "files", "items": tasks[0].items, "url": ""}
+    chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=64, views=1,
+                                 augmentation="official", crop_ratio=1.125, seed=0, min_side=16, chunk=64,
+                                 read_threads=4))
+    records = json.loads(chunks[0]["records"][0])
+    # without a class list every folder is a class: only the stray root file is refused for its place
+    assert {r["key"] for r in records if r["status"] == "accepted"} == \
+        {k for k, (s, _) in expected.items() if s == "accepted"} | {"bird/unknown"}
+
+
 def test_webdataset_samples_without_image_or_valid_label_are_rejected(tmp_path):
     from nextscale.pipelines.tokenize import read_and_views
 

@@ -93,7 +93,9 @@ class CodeEncoder:
         self.model = model.to(self.device)
         self.amp_dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False  # same algorithms every run: codes are a dataset artefact
+            # same convolution algorithms every run: codes are a dataset artefact, reruns must be byte-identical
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
         self.image_size = model.cfg.image_size
         self.num_tokens = model.cfg.num_tokens
 
