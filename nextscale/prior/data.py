@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextscale import storage
+from nextscale.tokenize.shards import decode_codes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray, int]]:
 
     register_remote_gopen()
     for sample in tarfile_samples([{"url": url}]):
-        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+        codes = decode_codes(sample["codes.npy"])
         yield sample["__key__"], codes, int(sample["cls"])
 
 

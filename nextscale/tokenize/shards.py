@@ -70,7 +70,23 @@ def encode_codes(codes_KL: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...]]] = {}
+
+
 def decode_codes(data: bytes) -> np.ndarray:
+    """``np.save`` bytes -> array. Every sample of a dataset shares one header, so it is parsed once and
+    cached (np.load's literal_eval of the header costs more than the copy; the loader decodes ~10^4/s)."""
+    if data[:6] == b"\x93NUMPY":
+        n = 2 if data[6] == 1 else 4
+        end = 8 + n + int.from_bytes(data[8:8 + n], "little")
+        hit = _NPY_HEADERS.get(data[:end])
+        if hit is None:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            if arr.dtype.hasobject or not arr.flags.c_contiguous:
+                return arr
+            hit = _NPY_HEADERS.setdefault(data[:end], (end, arr.dtype, arr.shape))
+        offset, dtype, shape = hit
+        return np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape))).reshape(shape).copy()
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
