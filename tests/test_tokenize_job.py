@@ -288,6 +288,13 @@ def test_killed_job_resumes_to_the_same_bytes(ray_local, tmp_path):
     summary = run(_cfg(str(tmp_path / "in"), str(out_b), **args))
     assert summary["shards_made"] >= 1 and summary["shards_made"] + summary["shards_skipped"] == 12
     assert _outputs(out_b) == reference
+    assert not [n for n in os.listdir(out_b) if ".tmp-" in n]
+
+    # the same output with another job's settings is refused, not mixed
+    from nextscale.pipelines.tokenize import InputError
+
+    with pytest.raises(InputError, match="from a different job"):
+        run(_cfg(str(tmp_path / "in"), str(out_b), **{**args, "seed": 1}))
 
 
 def test_real_imagenet_photos(ray_local, shared_data, tmp_path):

@@ -373,6 +373,17 @@ def write_shard(cfg: TokenizeConfig, task_index: int, digest: str, fingerprint: 
     return part
 
 
+def _clean_output(out: str) -> None:
+    """Before making shards: drop a manifest of an earlier run (the output is incomplete until the new one is
+    written) and temporary files a killed local write left behind."""
+    storage.remove(storage.join(out, sh.MANIFEST))
+    if not storage.is_remote(out):
+        for folder in (out, storage.join(out, sh.PARTS)):
+            for name in storage.listdir(folder):
+                if ".tmp-" in name:
+                    storage.remove(storage.join(folder, name))
+
+
 def _use_gpu(cfg: TokenizeConfig) -> bool:
     if cfg.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
@@ -402,6 +413,8 @@ def run(cfg: TokenizeConfig) -> dict:
         if part is not None:
             parts[task.index] = part
     todo = [t for t in tasks if t.index not in parts]
+    if todo:
+        _clean_output(cfg.output)
     log.info("tokenize: %d shards planned from %s (%s), %d already done, %d to make -> %s",
              len(tasks), cfg.input, fmt, len(parts), len(todo), cfg.output)
 
