@@ -25,7 +25,6 @@ import os
 import tarfile
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import ray
