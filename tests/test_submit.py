@@ -217,9 +217,10 @@ def _attempts(prefix: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tokenize_train_fid_chain_through_the_job_api_and_resubmission_resumes(cluster_env, s3_bucket, tmp_path):
+def test_tokenize_train_fid_chain_through_the_job_api_attach_and_resume(cluster_env, s3_bucket, tmp_path):
     """The three stages as jobs on the head, reading and writing only the bucket (the head has no AWS_*:
-    the credentials travel with each submission); resubmitting a finished job resumes from its output."""
+    the credentials travel with each submission). Submitting a running job again attaches to it;
+    resubmitting a finished one starts a new attempt that resumes from the stage's output."""
     import torch
 
     from nextscale.tokenize.convert import save_tokenizer
@@ -244,8 +245,13 @@ def test_tokenize_train_fid_chain_through_the_job_api_and_resubmission_resumes(c
         "reference": {"images": f"{b}/images"}, "inception_score": False, "precision_recall": False,
         "output": f"{b}/fid"})
 
-    code, logs = _run("tokenize", tok)
+    job = sub.plan("tokenize", tok)
+    first, attached = sub.submit_or_attach(sub.client(), job, tok)
+    again, attached_again = sub.submit_or_attach(sub.client(), job, tok)  # while the first is pending/running
+    assert (first, attached, again, attached_again) == (f"{job.id_prefix}-1", False, first, True)
+    code, logs = _run("tokenize", tok)  # attaches too, streams the logs, returns the exit status
     assert code == 0, logs[-4000:]
+    assert _attempts(job.id_prefix) == [first]
     manifest = json.loads(storage.read_text(f"{b}/codes/manifest.json"))
     assert manifest["num_samples"] == 8 and len(manifest["shards"]) == 2
     assert _summary(logs)["shards_made"] == 2
@@ -274,20 +280,6 @@ def test_tokenize_train_fid_chain_through_the_job_api_and_resubmission_resumes(c
         assert _attempts(prefix) == [f"{prefix}-1", f"{prefix}-2"]
         info = sub.client().get_job_info(f"{prefix}-2")
         assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == os.environ["AWS_ENDPOINT_URL"]
-
-
-@pytest.mark.slow
-def test_submitting_a_running_job_again_attaches_to_it(cluster_env, tmp_path):
-    args = ["stages=[]", f"data={tmp_path}/demo", f"results={tmp_path}/results.json"]
-    job = sub.plan("demo", None, args)
-    client = sub.client()
-    first, attached = sub.submit_or_attach(client, job, None)
-    again, attached_again = sub.submit_or_attach(client, job, None)  # while it is pending/running
-    assert (first, attached, again, attached_again) == (f"{job.id_prefix}-1", False, first, True)
-    out = io.StringIO()
-    assert sub.submit("demo", None, args, out=out) == 0, out.getvalue()[-3000:]  # attaches, streams the logs
-    assert _attempts(job.id_prefix) == [first]
-    assert _summary(out.getvalue())["dataset"]["counts"] == {"train": 300, "val": 50}
 
 
 @pytest.mark.slow
