@@ -308,3 +308,38 @@ def test_resume_from_checkpoint_matches_uninterrupted(small_images, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_gan_path_trains_and_resumes(small_images, tmp_path):
+    """The discriminator starts at disc_start, its state is checkpointed, and training resumes with it."""
+    cfg = _tiny_cfg(small_images, tmp_path / "gan", "optim.steps=4", "log_every=2", "ckpt_every=2",
+                    "loss.disc=0.5", "loss.disc_start=2", "loss.disc_channels=32", "loss.disc_layers=2")
+    with pytest.raises(_Crash):
+        train_tokenizer(cfg, _CrashAfterCheckpoint(cfg.output))
+    summary = train_tokenizer(cfg, LocalContext(cfg.output))
+    assert summary["steps"] == 4
+    state = torch.load(tmp_path / "gan" / "checkpoints" / "step-00000004" / "state.pt", weights_only=False)
+    assert state["disc"] is not None and state["step"] == 4
+
+
+def test_losses(tmp_path):
+    from torchvision.models import vgg16
+
+    from nextscale.tokenize.losses import PatchDiscriminator, Perceptual, adaptive_weight, hinge_d_loss
+
+    disc = PatchDiscriminator(channels=32, num_layers=2)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    logits = disc(img)
+    assert logits.shape == (2, 1, 6, 6)
+    assert float(hinge_d_loss(torch.full((2,), 2.0), torch.full((2,), -2.0))) == 0.0
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    out = img[:, :, :3, :3].mean((0, 1)) @ w
+    assert float(adaptive_weight(out.square().mean(), -out.mean(), w)) > 0
+    features = {f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}
+    torch.save(features, tmp_path / "vgg.pt")
+    perceptual = Perceptual(str(tmp_path / "vgg.pt"))
+    assert float(perceptual(img, img)) == 0.0 and float(perceptual(img, -img)) > 0
+    del features["features.28.bias"]
+    torch.save(features, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="features.28.bias"):
+        Perceptual(str(tmp_path / "bad.pt"))
