@@ -59,3 +59,13 @@ clean:
 
 docs: $(STAMP)
 	$(NS) config-docs > docs/configs.md
+
+# run a stage on the Ray cluster whose dashboard is at RAY_ADDRESS (see docs/cluster.md)
+submit-tokenize: $(STAMP)
+	$(NS) submit tokenize $(or $(CONFIG),configs/tokenize_demo.yaml) $(ARGS)
+
+submit-train-prior: $(STAMP)
+	$(NS) submit train-prior $(or $(CONFIG),configs/prior_demo.yaml) $(ARGS)
+
+submit-fid: $(STAMP)
+	$(NS) submit fid $(or $(CONFIG),configs/fid_demo.yaml) $(ARGS)

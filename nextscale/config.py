@@ -127,6 +127,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
         return [coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(items)]
     if origin is dict:
+        if isinstance(value, _OverrideString):
+            value = yaml.safe_load(value) or {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key!r} must be a mapping, got {value!r}")
         return dict(value)

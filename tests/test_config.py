@@ -27,6 +27,7 @@ class Toy:
     precision: Literal["fp32", "bf16"] = doc("fp32", "precision")
     compile: bool = doc(False, "torch.compile")
     resume: str | None = doc(None, "checkpoint")
+    resources: dict[str, float] = doc({}, "custom Ray resources")
     optim: Optim = doc(Optim(), "optimizer")
 
     def __post_init__(self):
@@ -40,6 +41,7 @@ def test_defaults_file_and_overrides_in_order_of_precedence(tmp_path):
     assert cfg.depth == 20 and cfg.optim.lr == 2e-4 and cfg.optim.betas == (0.9, 0.95)
     assert cfg.patch_nums == (1, 2, 4) and cfg.compile is True and cfg.precision == "bf16"
     assert load_config(Toy, None, ["patch_nums=[4, 5]", "resume=none"]).patch_nums == (4, 5)
+    assert load_config(Toy, None, ["resources={decode: 1}"]).resources == {"decode": 1}
 
 
 def test_override_values_are_coerced_by_declared_type_not_guessed():
@@ -78,7 +80,7 @@ def test_dump_round_trips_and_describe_lists_every_leaf():
     again = Toy(**{**yaml.safe_load(dump_yaml(cfg)), "optim": Optim(lr=5e-4)} | {"patch_nums": (1, 2)})
     assert again == cfg
     keys = [row[0] for row in describe(Toy)]
-    assert keys == ["depth", "name", "patch_nums", "precision", "compile", "resume", "optim.lr", "optim.betas"]
+    assert keys == ["depth", "name", "patch_nums", "precision", "compile", "resume", "resources", "optim.lr", "optim.betas"]
 
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
