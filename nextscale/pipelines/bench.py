@@ -230,15 +230,19 @@ def bench_tokenize(cfg: BenchConfig, s: Setup) -> list[dict]:
         _figure("tokenize.encode_only", s, img_per_s=result["encode_img_per_s"]),
         _figure("tokenize.job", s, img_per_s=result["job_img_per_s"],
                 ratio=result["job_img_per_s"] / result["encode_img_per_s"], ratio_vs="tokenize.encode_only",
-                note="whole Ray Data job incl. JPEG decode and shard writes; target ratio >= 0.8 on a GPU"),
+                note="whole Ray Data job incl. JPEG decode, shard writes and Ray start-up (wall clock)"),
+        _figure("tokenize.job_steady", s, img_per_s=result["steady_img_per_s"],
+                ratio=result["steady_img_per_s"] / result["encode_img_per_s"], ratio_vs="tokenize.encode_only",
+                encoder_busy_fraction=result["encoder_busy_fraction"],
+                note="the job from the encoder's first batch to its last; target ratio >= 0.8 on a GPU"),
     ]
 
 
 def projection(cfg: BenchConfig, figures: dict[str, dict], s: Setup) -> list[dict]:
     out = []
     n = cfg.projection_devices
-    if "tokenize.job" in figures:
-        rate = figures["tokenize.job"]["img_per_s"] * n
+    if "tokenize.job_steady" in figures:
+        rate = figures["tokenize.job_steady"]["img_per_s"] * n
         hours = IMAGENET_TRAIN_IMAGES * cfg.projection_views / rate / 3600
         out.append(_figure("projection.pretokenize_imagenet", s, devices=n, views=cfg.projection_views,
                            hours=round(hours, 2), note=f"{s.tokenizer} at the measured job rate x {n} devices"))
