@@ -1,0 +1,165 @@
+"""Metrics of the ADM evaluator (openai/guided-diffusion ``evaluations/evaluator.py``) in numpy float64.
+
+- :class:`FeatureStats`: count, sum and sum of outer products of features in float64. Statistics of
+  parts merge by addition (what torchmetrics keeps per rank), so workers can reduce partial sums;
+  mean = s / n and covariance = (S - n mu mu^T) / (n - 1) (np.cov's unbiased estimate).
+- :func:`frechet_distance`: scipy ``sqrtm`` of sigma1 sigma2, with ADM's 1e-6 diagonal fallback when
+  the root is not finite and its check that the imaginary part is negligible.
+- :func:`inception_score`: exp(E KL(p(y|x) || p(y))) over 10 contiguous splits (ADM: splits of 5,000 of 50,000).
+- :func:`precision_recall`: k=3 nearest-neighbour manifolds (Kynkäänniemi et al., ADM's ManifoldEstimator).
+- :func:`load_reference_npz`: mu / sigma (and images or features) of an ADM reference batch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+import zipfile
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from nextscale import storage
+
+log = logging.getLogger(__name__)
+
+
+class FeatureStats:
+    """Mergeable float64 first and second moments of (N, D) features."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.outer = np.zeros((dim, dim), dtype=np.float64)
+
+    @classmethod
+    def of(cls, features_ND: np.ndarray) -> FeatureStats:
+        stats = cls(features_ND.shape[1])
+        stats.update(features_ND)
+        return stats
+
+    def update(self, features_ND: np.ndarray) -> FeatureStats:
+        x = np.asarray(features_ND, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"features must be (N, {self.sum.shape[0]}), got {x.shape}")
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+        return self
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        if other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge statistics of {other.sum.shape[0]}-d and {self.sum.shape[0]}-d features")
+        self.n += other.n
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self.sum / self.n
+
+    @property
+    def sigma(self) -> np.ndarray:
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 features, got {self.n}")
+        mu = self.mu
+        return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), exactly as the ADM evaluator."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape} (were both computed with the same feature extractor?)")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+                      stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the Frechet distance's sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits_NK: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over ``splits`` contiguous splits of exp(mean KL(p(y|x) || p(y))); p = softmax(logits)."""
+    logits = np.asarray(logits_NK, dtype=np.float64)
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    scores = []
+    for part in np.array_split(logp, splits):
+        if len(part) == 0:
+            continue
+        p = np.exp(part)
+        log_py = np.log(p.mean(axis=0, keepdims=True))
+        scores.append(np.exp(np.mean(np.sum(p * (part - log_py), axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_distances(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (N, M) as ADM computes them: |a|^2 + |b|^2 - 2 a.b, clamped at 0."""
+    d = a_ND.square().sum(1, keepdim=True) + b_MD.square().sum(1)[None] - 2 * a_ND @ b_MD.T
+    return d.clamp_(min=0)
+
+
+def manifold_radii(features_ND: np.ndarray, k: int = 3, block: int = 10_000) -> np.ndarray:
+    """Squared distance of every feature to its k-th nearest neighbour within the set (self excluded)."""
+    x = torch.from_numpy(np.asarray(features_ND, dtype=np.float32))
+    if len(x) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} features per set, got {len(x)}")
+    radii = []
+    for begin in range(0, len(x), block):
+        d = _sq_distances(x[begin:begin + block], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # the 0-th neighbour is the point itself
+    return torch.cat(radii).numpy()
+
+
+def precision_recall(ref_ND: np.ndarray, sample_MD: np.ndarray, k: int = 3, block: int = 10_000) -> tuple[float, float]:
+    """(precision, recall): share of samples inside the reference manifold, and of references inside the samples'.
+
+    A point is inside a manifold if it lies within the k-NN radius of any of its points (ADM evaluator).
+    """
+    ref, sam = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (ref_ND, sample_MD))
+    r_ref = torch.from_numpy(manifold_radii(ref_ND, k, block))
+    r_sam = torch.from_numpy(manifold_radii(sample_MD, k, block))
+    sam_in = torch.zeros(len(sam), dtype=torch.bool)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool)
+    for i in range(0, len(ref), block):
+        for j in range(0, len(sam), block):
+            d = _sq_distances(ref[i:i + block], sam[j:j + block])
+            sam_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
+            ref_in[i:i + block] |= (d <= r_sam[None, j:j + block]).any(1)
+    return float(sam_in.double().mean()), float(ref_in.double().mean())
+
+
+def load_reference_npz(url: str) -> dict[str, np.ndarray]:
+    """The arrays of a reference .npz: ADM batches hold mu, sigma and arr_0 (uint8 N x H x W x 3 images);
+    nextscale's reference_stats.npz holds mu, sigma and features (pool features for precision/recall).
+    """
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"reference {url} does not exist: download VIRTUAL_imagenet256_labeled.npz from the ADM evaluator "
+            "(openai/guided-diffusion evaluations/README.md) or set reference.images to a folder of real images"
+        ) from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            out = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"reference {url} is not a readable .npz ({e})") from e
+    missing = [k for k in ("mu", "sigma") if k not in out]
+    if missing:
+        raise ValueError(f"reference {url} has no {missing[0]!r} array (keys: {sorted(out)}); use an ADM reference "
+                         "batch or a reference_stats.npz written by `nextscale fid`")
+    return out

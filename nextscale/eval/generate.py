@@ -1,0 +1,99 @@
+"""Loading a trained prior + tokenizer, and index-addressed sampling shared by pictures and the FID job.
+
+Reproducibility rule: ``sample_codes`` draws from one generator for its whole batch, so an image's
+random numbers depend on which images share its batch. The FID job therefore samples fixed *groups*:
+group g holds indices [g * group_size, (g + 1) * group_size) and draws from a generator seeded by
+(seed, g) alone. Which worker runs a group, and how many groups a Ray batch carries, cannot change an
+image; changing ``seed`` or ``group_size`` does (both are part of the sampling protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nextscale import storage
+from nextscale.config import from_dict
+from nextscale.eval.config import ModelsConfig
+from nextscale.eval.features import to_uint8
+from nextscale.prior.convert import load_official_var
+from nextscale.prior.model import VAR, VARConfig
+from nextscale.prior.sample import sample_codes
+from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.vqvae import VQVAE
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
+    return torch.device(device)
+
+
+def load_prior(url: str, preset: str = "d16") -> VAR:
+    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}) or an official state dict
+    built as ``preset``; eval mode, gradients off."""
+    try:
+        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
+                                "models.prior_url") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
+        fields = {f.name for f in dataclasses.fields(VARConfig)}
+        cfg_dict = obj["config"].get("var", obj["config"])
+        cfg = from_dict(VARConfig, {k: v for k, v in cfg_dict.items() if k in fields}, prefix=f"{url}: config.")
+        var = load_official_var(obj["state_dict"], cfg)
+    else:
+        var = load_official_var(obj, preset)
+    return var.eval().requires_grad_(False)
+
+
+def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[VAR, VQVAE]:
+    """The prior and tokenizer on ``device``, checked to fit each other."""
+    var = load_prior(cfg.prior_url, cfg.prior_preset)
+    vqvae = load_tokenizer(cfg.tokenizer_url, cfg.tokenizer_preset)
+    vc = vqvae.cfg
+    if (tuple(vc.patch_nums), vc.vocab_size, vc.z_channels) != (var.patch_nums, var.V, var.Cv):
+        raise ValueError(f"the prior {cfg.prior_url} (patch_nums {var.patch_nums}, V {var.V}, Cv {var.Cv}) does not "
+                         f"fit the tokenizer {cfg.tokenizer_url} (patch_nums {tuple(vc.patch_nums)}, "
+                         f"V {vc.vocab_size}, Cv {vc.z_channels}): use the tokenizer the prior was trained with")
+    return var.to(device), vqvae.to(device)
+
+
+def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
+    """A generator on ``device`` seeded from the integers ``key`` (e.g. (seed, group)) via numpy's SeedSequence."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=torch.device(device).type).manual_seed(seed)
+
+
+@torch.no_grad()
+def sample_batch(var: VAR, vqvae: VQVAE, labels: Sequence[int] | Tensor, generator: torch.Generator, *,
+                 cfg: float, top_k: int, top_p: float, more_smooth: bool = False,
+                 known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(codes (B, L) int64, images uint8 (B, 3, H, W)) for ``labels``, all on the model's device.
+
+    Images are ``vqvae.decode(codes)`` rounded to uint8 as the PNG path does; with ``more_smooth`` they are
+    decoded from the sampler's soft f_hat instead (its ``record`` also keeps every scale's logits, which
+    is why the plain path does not ask for it).
+    """
+    device = var.pos_start.device
+    label_B = torch.as_tensor(labels, dtype=torch.long, device=device)
+    record: dict[str, list[Tensor]] | None = {} if more_smooth else None
+    codes_BL = sample_codes(var, vqvae.quantize, label_B, generator=generator, cfg=cfg, top_k=top_k, top_p=top_p,
+                            more_smooth=more_smooth, known_codes_BL=known_codes_BL, known_mask_BL=known_mask_BL,
+                            record=record)
+    img = vqvae.fhat_to_img(record["f_hat"][0]) if record is not None else vqvae.decode(codes_BL)
+    return codes_BL, to_uint8(img.add(1).mul(0.5))
+
+
+def group_indices(group: int, group_size: int, num_samples: int) -> range:
+    return range(group * group_size, min((group + 1) * group_size, num_samples))

@@ -1,0 +1,327 @@
+"""``nextscale fid``: sample N images on Ray, extract features, FID / IS / precision / recall vs a reference.
+
+    ray.data.range(num_groups)                         group g = indices [g*G, (g+1)*G), G = group_size
+      -> map_batches(Sampler, actors)                 one row per group: index (G,), label (G,), image (G,H,W,3)
+      -> map_batches(Extractor, actors)               + pool (G,D) float32, logits (G,K) float32
+      -> driver: features placed at their indices    -> float64 statistics -> metrics -> {output}/fid.json
+
+Sample i has class (i // samples_per_class) % num_classes, and its group's generator is seeded by
+(seed, i // group_size) (see ``nextscale.eval.generate``). Rows stay whole groups through both stages,
+so the sampler and the extractor always see the same batches, and the images, the features and the
+float64 statistics (summed in index order) are identical whatever the number of actors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from nextscale import storage
+from nextscale.config import dump_yaml
+from nextscale.eval import features as feature_lib
+from nextscale.eval.config import FidConfig
+from nextscale.eval.fid import (
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    load_reference_npz,
+    precision_recall,
+)
+from nextscale.eval.generate import group_indices, load_models, resolve_device, sample_batch, seeded_generator
+from nextscale.logs import WandbRun
+from nextscale.pipelines.common import init_ray
+from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.images import IMAGE_EXTENSIONS, center_crop, resize_shorter
+
+log = logging.getLogger(__name__)
+
+STATS_CHUNK = 1024  # rows per float64 partial sum; partial sums are merged in index order
+
+
+class Sampler:
+    """Ray actor: loads the prior and tokenizer once, samples whole groups; optionally writes PNGs."""
+
+    def __init__(self, cfg: FidConfig, device: str):
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.var, self.vqvae = load_models(cfg.models, self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg, G, S = self.cfg, self.cfg.group_size, self.vqvae.cfg.image_size
+        out = {"group": batch["id"].astype(np.int64), "index": np.full((len(batch["id"]), G), -1, dtype=np.int64),
+               "label": np.zeros((len(batch["id"]), G), dtype=np.int64),
+               "image": np.zeros((len(batch["id"]), G, S, S, 3), dtype=np.uint8)}
+        for row, g in enumerate(batch["id"].tolist()):
+            idx = group_indices(g, G, cfg.num_samples)
+            labels = [cfg.label_of(i) for i in idx]
+            _, img = sample_batch(self.var, self.vqvae, labels, seeded_generator(self.device, cfg.seed, g),
+                                  cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, more_smooth=cfg.more_smooth)
+            images = img.permute(0, 2, 3, 1).cpu().numpy()
+            n = len(idx)
+            out["index"][row, :n], out["label"][row, :n], out["image"][row, :n] = list(idx), labels, images
+            if cfg.save_pngs or cfg.save_npz:
+                for i, image in zip(idx, images):
+                    buf = io.BytesIO()
+                    Image.fromarray(image).save(buf, format="PNG")
+                    storage.write_bytes(storage.join(cfg.output, "samples", f"{i:06d}.png"), buf.getvalue())
+        return out
+
+
+class Extractor:
+    """Ray actor: features of each row's images, in chunks fixed by the row (so independent of the actor count)."""
+
+    def __init__(self, name: str, weights_path: str, device: str, batch_size: int, keep_images: bool):
+        self.device = resolve_device(device)
+        self.extractor = feature_lib.build(name, weights_path, self.device)
+        self.batch_size, self.keep_images = batch_size, keep_images
+
+    def _features(self, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        f = feature_lib.extract(self.extractor, torch.from_numpy(np.ascontiguousarray(images_NHWC)), self.batch_size)
+        return f["pool"].numpy(), None if f["logits"] is None else f["logits"].numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of groups (image (R, G, H, W, 3)): features per group; rows of single images: per batch."""
+        if batch["image"].ndim == 4:
+            pool, logits = self._features(batch["image"])
+        else:
+            parts = [self._features(images) for images in batch["image"]]
+            pool, logits = np.stack([p for p, _ in parts]), None if parts[0][1] is None else np.stack([q for _, q in parts])
+        out = {k: v for k, v in batch.items() if k != "image" or self.keep_images}
+        out["pool"] = pool
+        if logits is not None:
+            out["logits"] = logits
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference images (folder or tar shards)
+
+
+def list_reference_items(url: str) -> list[str]:
+    """Image files (recursively, sorted) under ``url``, or tar shards (a .tar URL or a folder of them)."""
+    if url.endswith(".tar"):
+        return [url]
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"reference.images={url!r} does not exist: give an image folder or tar shards")
+    proto = storage.protocol(url)
+    prefix = "" if proto == "file" else f"{proto}://"
+    files = sorted(prefix + p for p in fs.find(path))
+    tars = [f for f in files if f.endswith(".tar")]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not tars and not images:
+        raise FileNotFoundError(f"no images or .tar shards under reference.images={url!r}")
+    return tars or images
+
+
+def _decode_reference(url: str, data: bytes, size: int) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot decode reference image {url}: {e}; remove it or replace it") from e
+    return np.asarray(center_crop(resize_shorter(img, size), size))
+
+
+def load_reference_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray task: decode, resize and centre-crop the images of each item (a file, or every image member of a tar)."""
+    keys, images = [], []
+    for item, url in zip(batch["item"].tolist(), batch["url"].tolist()):
+        if url.endswith(".tar"):
+            with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url))) as tar:
+                members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)),
+                                 key=lambda m: m.name)
+                for j, m in enumerate(members):
+                    images.append(_decode_reference(f"{url}:{m.name}", tar.extractfile(m).read(), size))
+                    keys.append(item * 10_000_000 + j)
+        else:
+            images.append(_decode_reference(url, storage.read_bytes(url), size))
+            keys.append(item * 10_000_000)
+    return {"key": np.array(keys, dtype=np.int64), "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+
+
+def _use_gpu(cfg: FidConfig) -> bool:
+    if cfg.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and not gpus:
+        raise RuntimeError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
+    return gpus > 0
+
+
+def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
+    """Rows of groups -> arrays indexed by sample index (pool, logits, labels, optional images)."""
+    out: dict[str, np.ndarray] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        valid = batch["index"] >= 0
+        idx = batch["index"][valid]
+        for key in ("pool", "logits", "label", "image"):
+            if key not in batch:
+                continue
+            values = batch[key][valid]
+            if key not in out:
+                out[key] = np.zeros((n,) + values.shape[1:], dtype=values.dtype)
+            out[key][idx] = values
+        out.setdefault("seen", np.zeros(n, dtype=bool))[idx] = True
+    if "seen" not in out or not out["seen"].all():
+        missing = np.flatnonzero(~out["seen"]) if "seen" in out else np.arange(n)
+        raise RuntimeError(f"{len(missing)} samples never came back from the workers (first: {missing[:5].tolist()})")
+    return out
+
+
+def statistics(features_ND: np.ndarray) -> FeatureStats:
+    """float64 statistics merged from partial sums over fixed chunks in index order (reproducible to the bit)."""
+    stats = FeatureStats(features_ND.shape[1])
+    for begin in range(0, len(features_ND), STATS_CHUNK):
+        stats.merge(FeatureStats.of(features_ND[begin:begin + STATS_CHUNK]))
+    return stats
+
+
+def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch_size: int = 1):
+    return ds.map_batches(
+        Extractor, fn_constructor_kwargs={"name": cfg.feature_extractor, "weights_path": cfg.inception_weights,
+                                          "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.feature_batch_size,
+                                          "keep_images": keep_images},
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.num_feature_actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+
+
+def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict[str, np.ndarray]:
+    """{"mu", "sigma", "features" (pool, for precision/recall; may be absent)} of the configured reference."""
+    ref = cfg.reference
+    if ref.npz:
+        data = load_reference_npz(ref.npz)
+        out = {"mu": data["mu"], "sigma": data["sigma"]}
+        if "features" in data:
+            out["features"] = data["features"]
+        elif "arr_0" in data and cfg.precision_recall:
+            images = data["arr_0"][: ref.max_images or None]
+            ds = ray.data.from_items([{"key": k, "image": image} for k, image in enumerate(images)])
+            out["features"] = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
+        return out
+    items = list_reference_items(ref.images)
+    ds = ray.data.from_items([{"item": i, "url": u} for i, u in enumerate(items)])
+    ds = ds.map_batches(load_reference_images, fn_kwargs={"size": image_size}, batch_size=16, batch_format="numpy")
+    features = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
+    if ref.max_images:
+        features = features[: ref.max_images]
+    if len(features) < 2:
+        raise ValueError(f"reference.images={ref.images!r} gave {len(features)} images; statistics need at least 2")
+    stats = statistics(features)
+    return {"mu": stats.mu, "sigma": stats.sigma, "features": features}
+
+
+def _gather_reference(ds) -> np.ndarray:
+    keys, pools = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        keys.append(batch["key"])
+        pools.append(batch["pool"])
+    key, pool = np.concatenate(keys), np.concatenate(pools)
+    return pool[np.argsort(key, kind="stable")]
+
+
+def write_npz(url: str, images_NHWC: np.ndarray, labels_N: np.ndarray) -> None:
+    """ADM-evaluator sample batch: ``arr_0`` uint8 (N, H, W, 3) plus ``labels`` int64 (N,), written atomically."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "samples.npz")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, arr in (("arr_0", images_NHWC), ("labels", labels_N)):
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        fs, dest = storage.filesystem(url)
+        if storage.is_remote(url):
+            fs.put_file(path, dest)  # the object appears when the upload completes
+        else:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp_dest = f"{dest}.tmp-{os.getpid()}"
+            fs.put_file(path, tmp_dest)
+            os.replace(tmp_dest, dest)
+
+
+def run(cfg: FidConfig) -> dict:
+    """Sample, extract, compare; writes {output}/fid.json (+ reference_stats.npz, samples) and returns the summary."""
+    t0 = time.perf_counter()
+    storage.configure(cfg.storage)
+    init_ray(cfg.ray)
+    storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
+    # fail fast on the driver (missing weights, unknown extractor) before any actor starts
+    probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+    tok_cfg = load_tokenizer(cfg.models.tokenizer_url, cfg.models.tokenizer_preset).cfg
+    del probe
+    use_gpu = _use_gpu(cfg)
+    num_samplers = cfg.num_sampler_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
+    device = "cuda" if use_gpu else "cpu"
+    log.info("fid: %d samples in %d groups of %d on %d sampler actor(s) (%s), extractor %s", cfg.num_samples,
+             cfg.num_groups, cfg.group_size, num_samplers, device, cfg.feature_extractor)
+
+    t_ref = time.perf_counter()
+    ref = reference_statistics(cfg, tok_cfg.image_size, use_gpu)
+    ref_seconds = time.perf_counter() - t_ref
+    if not cfg.reference.npz or "features" in ref:
+        buf = io.BytesIO()
+        np.savez(buf, **ref, extractor=np.array(cfg.feature_extractor))
+        storage.write_bytes(storage.join(cfg.output, "reference_stats.npz"), buf.getvalue())
+
+    t_sample = time.perf_counter()
+    ds = ray.data.range(cfg.num_groups, override_num_blocks=min(cfg.num_groups, 256))
+    ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
+                        num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    ds = _extract_dataset(ds, cfg, use_gpu, keep_images=cfg.save_npz)
+    got = _gather(ds, cfg.num_samples)
+    sample_seconds = time.perf_counter() - t_sample
+
+    stats = statistics(got["pool"])
+    result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
+    if cfg.inception_score and "logits" in got:
+        result["inception_score"], result["inception_score_std"] = inception_score(got["logits"], splits=10)
+    if cfg.precision_recall and "features" in ref:
+        result["precision"], result["recall"] = precision_recall(ref["features"], got["pool"], k=3)
+    result.update({
+        "num_samples": cfg.num_samples, "num_classes": cfg.num_classes, "samples_per_class": cfg.samples_per_class,
+        "cfg": cfg.cfg, "top_k": cfg.top_k, "top_p": cfg.top_p, "more_smooth": cfg.more_smooth, "seed": cfg.seed,
+        "group_size": cfg.group_size, "feature_extractor": cfg.feature_extractor,
+        "reference": cfg.reference.npz or cfg.reference.images, "prior": cfg.models.prior_url,
+        "device": device, "sampler_actors": num_samplers,
+        "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(cfg.num_samples / sample_seconds, 2),
+        "reference_seconds": round(ref_seconds, 2),
+        "output": storage.join(cfg.output, "fid.json"),
+        "sample_stats_sha": _digest(stats),
+    })
+    if cfg.save_npz:
+        write_npz(storage.join(cfg.output, "samples.npz"), got["image"], got["label"])
+        result["npz"] = storage.join(cfg.output, "samples.npz")
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    storage.write_text(result["output"], json.dumps(result, indent=1))
+    wandb = WandbRun(cfg.wandb, run_id=f"fid-{cfg.output.rstrip('/').rsplit('/', 1)[-1]}", config=cfg)
+    wandb.log({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    wandb.finish()
+    log.info(
+        "fid: FID %.3f%s%s for %d samples of %s vs %s (extractor %s); sampled at %.1f img/s on %d %s actor(s); "
+        "%.0f s in all; results in %s",
+        result["fid"], f", IS {result['inception_score']:.2f}" if "inception_score" in result else "",
+        f", precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else "",
+        cfg.num_samples, cfg.models.prior_url, result["reference"], cfg.feature_extractor, result["images_per_second"],
+        num_samplers, device, result["seconds"], result["output"])
+    return result
+
+
+def _digest(stats: FeatureStats) -> str:
+    """A short hash of the float64 statistics: equal across runs exactly when the samples' features are."""
+    import hashlib
+
+    return hashlib.sha256(stats.sum.tobytes() + stats.outer.tobytes()).hexdigest()[:16]
