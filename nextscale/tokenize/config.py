@@ -100,6 +100,7 @@ class TokenizerTrainConfig:
     seed: int = doc(0, "seed of weights, data order and augmentation")
     num_workers: int = doc(1, "Ray Train workers (data-parallel ranks)")
     use_gpu: bool = doc(False, "one GPU per Ray Train worker")
+    cpus_per_worker: float = doc(1.0, "CPUs reserved per Ray Train worker (Ray also sets its torch threads from it)")
     ray: RayConfig = doc(RayConfig(), "Ray cluster")
     storage: StorageConfig = doc(StorageConfig(), "object storage")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
