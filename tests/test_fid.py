@@ -15,8 +15,14 @@ from nextscale.config import ConfigError, load_config
 from nextscale.eval import features
 from nextscale.eval.classifier import evaluate_demo_samples, train_classifier
 from nextscale.eval.config import INCEPTION_FILE, FidConfig, SampleConfig
-from nextscale.eval.fid import (FeatureStats, frechet_distance, inception_score, load_reference_npz, manifold_radii,
-                                precision_recall)
+from nextscale.eval.fid import (
+    FeatureStats,
+    frechet_distance,
+    inception_score,
+    load_reference_npz,
+    manifold_radii,
+    precision_recall,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
