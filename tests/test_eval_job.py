@@ -1,0 +1,81 @@
+"""make fid on a local Ray instance: tiny prior, deterministic test extractor; 1 vs 2 actors give identical results."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from eval_models import write_tiny_models
+from PIL import Image
+
+from nextscale.config import load_config
+from nextscale.eval.config import FidConfig
+
+
+def _reference_folder(root, n_per_class=6):
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for j in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{j}.png")
+
+
+def test_reference_items_from_tar_shards(tmp_path):
+    from nextscale.pipelines.fid import list_reference_items, load_reference_images
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "ref-000000.tar", "w") as tar:
+        for j in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((20, 30, 3), 40 * j, np.uint8)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"s{j}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+            info = tarfile.TarInfo(f"s{j}.cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"0"))
+    items = list_reference_items(str(shards))
+    assert items == [str(shards / "ref-000000.tar")]
+    out = load_reference_images({"item": np.array([0]), "url": np.array(items)}, size=16)
+    assert out["image"].shape == (3, 16, 16, 3) and out["key"].tolist() == [0, 1, 2]
+    assert out["image"][2].mean() == 80
+
+
+@pytest.mark.ray
+def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
+    from nextscale.pipelines.fid import run
+
+    prior, tokenizer = write_tiny_models(tmp_path / "models")
+    _reference_folder(tmp_path / "ref")
+    common = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=11",
+              "num_classes=10", "samples_per_class=2", "group_size=4", "cfg=1.5", "top_k=0", "top_p=0.0",
+              "feature_extractor=random-conv-test", "feature_batch_size=3", "device=cpu", "cpus_per_actor=0.5",
+              "save_npz=true"]
+    one = run(load_config(FidConfig, None, common + [
+        f"reference.images={tmp_path / 'ref'}", "num_sampler_actors=1", "num_feature_actors=1",
+        f"output={tmp_path / 'one'}"]))
+    # the second run also reads the first run's reference_stats.npz (the npz reference path)
+    two = run(load_config(FidConfig, None, common + [
+        f"reference.npz={tmp_path / 'one' / 'reference_stats.npz'}", "num_sampler_actors=2",
+        "num_feature_actors=2", f"output={tmp_path / 'two'}"]))
+
+    a, b = (np.load(tmp_path / d / "samples.npz") for d in ("one", "two"))
+    assert a["arr_0"].shape == (11, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert a["labels"].tolist() == [i // 2 % 10 for i in range(11)]
+    assert one["sample_stats_sha"] == two["sample_stats_sha"]
+    for key in ("fid", "inception_score", "precision", "recall"):
+        assert one[key] == two[key], key
+    assert np.isfinite(one["fid"]) and one["fid"] > 0 and 1.0 <= one["inception_score"] <= 10.0
+    assert 0.0 <= one["precision"] <= 1.0 and 0.0 <= one["recall"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())[:2] == ["000000.png", "000001.png"]
+    with Image.open(tmp_path / "one" / "samples" / "000010.png") as im:
+        assert np.array_equal(np.asarray(im), a["arr_0"][10])
+    saved = json.loads((tmp_path / "two" / "fid.json").read_text())
+    assert saved["fid"] == two["fid"] and saved["sampler_actors"] == 2
+    ref = np.load(tmp_path / "one" / "reference_stats.npz")
+    assert ref["features"].shape == (12, 64) and ref["mu"].shape == (64,)
