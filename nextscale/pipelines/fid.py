@@ -1,6 +1,6 @@
 """``nextscale fid``: sample N images on Ray, extract features, FID / IS / precision / recall vs a reference.
 
-    ray.data.range(num_groups)                         group g = indices [g*G, (g+1)*G), G = group_size
+    ray.data.from_items(group ids)                     group g = indices [g*G, (g+1)*G), G = group_size
       -> map_batches(Sampler, actors)                 one row per group: index (G,), label (G,), image (G,H,W,3)
       -> map_batches(Extractor, actors)               + pool (G,D) float32, logits (G,K) float32
       -> driver: features placed at their indices    -> float64 statistics -> metrics -> {output}/fid.json
@@ -277,7 +277,9 @@ def run(cfg: FidConfig) -> dict:
         storage.write_bytes(storage.join(cfg.output, "reference_stats.npz"), buf.getvalue())
 
     t_sample = time.perf_counter()
-    ds = ray.data.range(cfg.num_groups, override_num_blocks=min(cfg.num_groups, 256))
+    # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
+    # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
+    ds = ray.data.from_items([{"id": g} for g in range(cfg.num_groups)], override_num_blocks=min(cfg.num_groups, 256))
     ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
                         num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
