@@ -32,7 +32,13 @@ from nextscale.runtime import TrainContext
 from nextscale.tokenize.config import TokenizerTrainConfig
 from nextscale.tokenize.convert import load_tokenizer, save_tokenizer
 from nextscale.tokenize.images import EpochSampler, ImageFolderDataset, list_image_folder
-from nextscale.tokenize.losses import PatchDiscriminator, Perceptual, adaptive_weight, hinge_d_loss, hinge_g_loss
+from nextscale.tokenize.losses import (
+    PatchDiscriminator,
+    Perceptual,
+    adaptive_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+)
 from nextscale.tokenize.metrics import evaluate_reconstruction, psnr_db
 from nextscale.tokenize.vqvae import VQVAE
 
