@@ -57,6 +57,8 @@ def test_phi_table():
     assert phi_index_table(6, 4) == [0, 0, 1, 2, 3, 3]  # r = 0, .2, .4, .6, .8, 1 vs ticks 1/12, 13/36, 23/36, 11/12
     assert phi_index_table(10, 1) == [0] * 10
     assert phi_index_table(10, 10) == list(range(10))  # non-shared: one Phi per scale
+    with torch.device("meta"):
+        assert build_vqvae("vae_ch160v4096z32").quantize.phi_idx == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
 # ------------------------------------------------------------------------------------------------
