@@ -53,14 +53,16 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     _reference_folder(tmp_path / "ref")
     common = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=11",
               "num_classes=10", "samples_per_class=2", "group_size=4", "cfg=1.5", "top_k=0", "top_p=0.0",
-              "feature_extractor=random-conv-test", "feature_batch_size=3", "device=cpu", "cpus_per_actor=0.5",
+              "feature_batch_size=3", "device=cpu", "cpus_per_actor=0.5",
               "save_npz=true"]
+    # run one asks for Inception without weights and falls back to the test extractor that run two asks for
     one = run(load_config(FidConfig, None, common + [
-        f"reference.images={tmp_path / 'ref'}", "num_sampler_actors=1", "num_feature_actors=1",
+        "feature_extractor=inception-v3-compat", f"inception_weights={tmp_path / 'absent.pth'}",
+        "feature_fallback=random-conv-test", f"reference.images={tmp_path / 'ref'}", "num_sampler_actors=1", "num_feature_actors=1",
         f"output={tmp_path / 'one'}"]))
     # the second run also reads the first run's reference_stats.npz (the npz reference path)
     two = run(load_config(FidConfig, None, common + [
-        f"reference.npz={tmp_path / 'one' / 'reference_stats.npz'}", "num_sampler_actors=2",
+        "feature_extractor=random-conv-test", f"reference.npz={tmp_path / 'one' / 'reference_stats.npz'}", "num_sampler_actors=2",
         "num_feature_actors=2", f"output={tmp_path / 'two'}"]))
 
     a, b = (np.load(tmp_path / d / "samples.npz") for d in ("one", "two"))
@@ -68,6 +70,8 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"])
     assert a["labels"].tolist() == [i // 2 % 10 for i in range(11)]
     assert one["sample_stats_sha"] == two["sample_stats_sha"]
+    assert one["feature_extractor"] == "random-conv-test" and "absent.pth" in one["feature_fallback_reason"]
+    assert two["feature_fallback_reason"] == ""
     for key in ("fid", "inception_score", "precision", "recall"):
         assert one[key] == two[key], key
     assert np.isfinite(one["fid"]) and one["fid"] > 0 and 1.0 <= one["inception_score"] <= 10.0

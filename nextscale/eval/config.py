@@ -149,6 +149,9 @@ class FidConfig:
                                                         "registered one (random-conv-test in tests)")
     inception_weights: str = doc("", f"Inception weights file; empty = $TORCH_HOME/hub/checkpoints/{INCEPTION_FILE} "
                                      "(downloaded there when online)")
+    feature_fallback: str = doc("", "extractor used instead when the Inception weights are missing (e.g. "
+                                    "random-conv-test for an offline demo; fid.json says so); empty = fail with "
+                                    "the error saying where to put the weights")
     feature_batch_size: int = doc(64, "images per feature-extractor call")
     reference: ReferenceConfig = doc(ReferenceConfig(npz="VIRTUAL_imagenet256_labeled.npz"), "reference statistics")
     inception_score: bool = doc(True, "compute the Inception Score (10 splits)")

@@ -13,6 +13,7 @@ float64 statistics (summed in index order) are identical whatever the number of 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -259,7 +260,17 @@ def run(cfg: FidConfig) -> dict:
     init_ray(cfg.ray)
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
     # fail fast on the driver (missing weights, unknown extractor) before any actor starts
-    probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+    fallback_reason = ""
+    try:
+        probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+    except feature_lib.InceptionWeightsMissing as e:
+        if not cfg.feature_fallback:
+            raise
+        fallback_reason = str(e)
+        log.warning("fid: %s; using feature_extractor=%s instead (its FID is not an Inception FID)", e,
+                    cfg.feature_fallback)
+        cfg = dataclasses.replace(cfg, feature_extractor=cfg.feature_fallback)
+        probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
     tok_cfg = load_tokenizer(cfg.models.tokenizer_url, cfg.models.tokenizer_preset).cfg
     del probe
     use_gpu = _use_gpu(cfg)
@@ -297,6 +308,7 @@ def run(cfg: FidConfig) -> dict:
         "num_samples": cfg.num_samples, "num_classes": cfg.num_classes, "samples_per_class": cfg.samples_per_class,
         "cfg": cfg.cfg, "top_k": cfg.top_k, "top_p": cfg.top_p, "more_smooth": cfg.more_smooth, "seed": cfg.seed,
         "group_size": cfg.group_size, "feature_extractor": cfg.feature_extractor,
+        "feature_fallback_reason": fallback_reason,
         "reference": cfg.reference.npz or cfg.reference.images, "prior": cfg.models.prior_url,
         "device": device, "sampler_actors": num_samplers,
         "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(cfg.num_samples / sample_seconds, 2),
