@@ -63,8 +63,6 @@ def run(cfg: DemoConfig) -> dict:
         config_cls, run_fn = (_resolve(spec) for spec in STAGES[stage][:2])
         overrides = [o.partition(":")[2] for o in cfg.overrides if o.partition(":")[0] == stage]
         stage_cfg = load_config(config_cls, cfg.stage_config(stage), overrides)
-        if stage == "fid":
-            stage_cfg, results["fid_features"] = _available_extractor(stage_cfg)
         log.info("demo: %s (%s)", stage, cfg.stage_config(stage))
         t0 = time.perf_counter()
         results["stages"][stage] = run_fn(stage_cfg)
@@ -75,19 +73,6 @@ def run(cfg: DemoConfig) -> dict:
     storage.write_text(cfg.results, json.dumps(results, indent=1, default=str))
     _log_summary(results, cfg)
     return results
-
-
-def _available_extractor(fid_cfg):
-    """The configured extractor if it can be built here (Inception weights on disk or downloadable), else the
-    fixed random-feature one, so that an offline demo still runs; the classifier check needs no weights."""
-    from nextscale.eval import features
-
-    try:
-        features.build(fid_cfg.feature_extractor, fid_cfg.inception_weights)
-        return fid_cfg, fid_cfg.feature_extractor
-    except features.InceptionWeightsMissing as e:
-        log.warning("demo: no Inception weights, so the FID below uses fixed random features (%s)", e)
-        return dataclasses.replace(fid_cfg, feature_extractor="random-conv-test"), "random-conv-test (offline)"
 
 
 def _classifier_check(fid_cfg) -> dict:
@@ -103,5 +88,5 @@ def _log_summary(results: dict, cfg: DemoConfig) -> None:
         "demo finished in %.1f min: samples classified as their class %s (real held-out images %s), FID %s "
         "with %s features; results in %s",
         results["minutes"]["total"], clf.get("sample_accuracy"), clf.get("real_accuracy"),
-        fid.get("fid"), results.get("fid_features"), cfg.results,
+        fid.get("fid"), fid.get("feature_extractor"), cfg.results,
     )
