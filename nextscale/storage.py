@@ -20,6 +20,7 @@ import fsspec
 from nextscale.config import StorageConfig
 
 REMOTE_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+DRIVER_CWD_ENV = "NEXTSCALE_DRIVER_CWD"
 
 
 def configure(cfg: StorageConfig) -> None:
@@ -46,7 +47,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(url)
     if proto == "file":
         fs = fsspec.filesystem("file")
-        return fs, os.path.abspath(url.removeprefix("file://"))
+        # Ray workers run in their own folder: a local job exports its driver's cwd so relative paths agree
+        base = os.environ.get(DRIVER_CWD_ENV) or os.getcwd()
+        return fs, os.path.normpath(os.path.join(base, url.removeprefix("file://")))
     try:
         fs, path = fsspec.core.url_to_fs(url, **_remote_options(proto))
     except ImportError as e:

@@ -80,3 +80,12 @@ def test_protocols():
     assert storage.protocol("/a/b") == "file" and storage.protocol("file:///a") == "file"
     assert storage.is_remote("s3://b/k") and storage.is_remote("gs://b/k") and not storage.is_remote("rel/p")
     assert storage.join("s3://b/", "x/", "/y") == "s3://b/x/y"
+
+
+def test_relative_local_paths_resolve_against_the_exported_driver_cwd(tmp_path, monkeypatch):
+    """Ray workers run in their own folder; a local job exports the driver's cwd for relative paths."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.txt").write_text("hi")
+    monkeypatch.setenv(storage.DRIVER_CWD_ENV, str(tmp_path))
+    assert storage.read_text("data/x.txt") == "hi"
+    assert storage.filesystem("file://data/x.txt")[1] == str(tmp_path / "data" / "x.txt")

@@ -8,6 +8,7 @@ import os
 import ray
 
 import nextscale
+from nextscale import storage
 from nextscale.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # workers of a local instance share this machine: relative local paths resolve against our cwd
+        env[storage.DRIVER_CWD_ENV] = os.getcwd()
         # address="local": never attach to some other Ray instance that happens to run on this machine
         kwargs = {"address": "local", "include_dashboard": False, "runtime_env": runtime_env}
         if cfg.num_cpus:
