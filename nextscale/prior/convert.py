@@ -21,12 +21,10 @@ from torch import Tensor
 
 from nextscale import storage
 from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, block_causal_bias, build_var, level_index
+from nextscale.tokenize import convert as tokenizer_convert
+from nextscale.tokenize.convert import CheckpointMismatch
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatch(ValueError):
-    """A state dict does not fit the requested VAR architecture; the message names the key."""
 
 
 def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
@@ -42,12 +40,7 @@ def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
 def unwrap_state_dict(obj: object, what: str = "the checkpoint") -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("trainer"), Mapping) and "var_wo_ddp" in obj["trainer"]:
         obj = obj["trainer"]["var_wo_ddp"]
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise CheckpointMismatch(f"{what} does not hold a state dict (got {type(obj).__name__})")
-    return dict(obj)
+    return tokenizer_convert.read_state_dict(what, obj)
 
 
 def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
