@@ -99,6 +99,8 @@ def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray, int]]:
     from webdataset.tariterators import tarfile_samples
 
     register_remote_gopen()
+    if not storage.is_remote(url):
+        url = storage.filesystem(url)[1]  # absolute: relative paths mean the driver's cwd (see nextscale.storage)
     for sample in tarfile_samples([{"url": url}]):
         codes = decode_codes(sample["codes.npy"])
         yield sample["__key__"], codes, int(sample["cls"])
