@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextscale.config import doc, require
+from nextscale.config import doc, preset, require
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
@@ -468,15 +468,7 @@ def build_var(preset_or_cfg: str | VARConfig, *, init: bool = True, **overrides)
 
     Build under ``torch.device("meta")`` for shapes only (init is skipped there).
     """
-    if isinstance(preset_or_cfg, str):
-        if preset_or_cfg not in VAR_PRESETS:
-            raise ValueError(f"unknown VAR preset {preset_or_cfg!r}; choose one of {', '.join(VAR_PRESETS)}")
-        cfg = VAR_PRESETS[preset_or_cfg]
-    else:
-        cfg = preset_or_cfg
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    model = VAR(cfg)
+    model = VAR(preset(VAR_PRESETS, preset_or_cfg, "VAR", **overrides))
     if init and model.pos_start.device.type != "meta":
         model.init_weights()
     return model

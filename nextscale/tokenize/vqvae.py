@@ -22,7 +22,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextscale.config import doc, require
+from nextscale.config import doc, preset, require
 from nextscale.tokenize.scales import num_tokens, phi_index_table, scale_slices, split_codes
 
 # ------------------------------------------------------------------------------------------------
@@ -483,12 +483,4 @@ VQVAE_PRESETS: dict[str, VQVAEConfig] = {
 
 def build_vqvae(preset_or_cfg: str | VQVAEConfig, **overrides) -> VQVAE:
     """A VQVAE from a preset name (optionally with field overrides) or a config."""
-    if isinstance(preset_or_cfg, str):
-        if preset_or_cfg not in VQVAE_PRESETS:
-            raise ValueError(f"unknown VQVAE preset {preset_or_cfg!r}; choose one of {', '.join(VQVAE_PRESETS)}")
-        cfg = VQVAE_PRESETS[preset_or_cfg]
-    else:
-        cfg = preset_or_cfg
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    return VQVAE(cfg)
+    return VQVAE(preset(VQVAE_PRESETS, preset_or_cfg, "VQVAE", **overrides))
