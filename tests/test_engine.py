@@ -11,7 +11,8 @@ from prior_codes import write_codes
 
 from nextscale.config import ConfigError, load_config
 from nextscale.prior.config import PriorTrainConfig
-from nextscale.prior.engine import active_scales, load_prior, train_prior
+from nextscale.prior.convert import load_prior
+from nextscale.prior.engine import active_scales, train_prior
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae

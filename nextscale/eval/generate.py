@@ -9,21 +9,17 @@ image; changing ``seed`` or ``group_size`` does (both are part of the sampling p
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nextscale import storage
-from nextscale.config import from_dict
 from nextscale.eval.config import ModelsConfig
 from nextscale.eval.features import to_uint8
-from nextscale.prior.convert import load_official_var
-from nextscale.prior.model import VAR, VARConfig
+from nextscale.prior.convert import load_prior
+from nextscale.prior.model import VAR
 from nextscale.prior.sample import sample_codes
 from nextscale.tokenize.convert import load_tokenizer
 from nextscale.tokenize.vqvae import VQVAE
@@ -37,24 +33,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
     return torch.device(device)
-
-
-def load_prior(url: str, preset: str = "d16") -> VAR:
-    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}) or an official state dict
-    built as ``preset``; eval mode, gradients off."""
-    try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
-                                "models.prior_url") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
-        fields = {f.name for f in dataclasses.fields(VARConfig)}
-        cfg_dict = obj["config"].get("var", obj["config"])
-        cfg = from_dict(VARConfig, {k: v for k, v in cfg_dict.items() if k in fields}, prefix=f"{url}: config.")
-        var = load_official_var(obj["state_dict"], cfg)
-    else:
-        var = load_official_var(obj, preset)
-    return var.eval().requires_grad_(False)
 
 
 def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[VAR, VQVAE]:

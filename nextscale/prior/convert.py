@@ -10,6 +10,7 @@ no memory beyond the checkpoint itself. The derived buffers (``lvl_1L``, ``attn_
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from nextscale import storage
+from nextscale.config import from_dict
 from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, block_causal_bias, build_var, level_index
 from nextscale.tokenize import convert as tokenizer_convert
 from nextscale.tokenize.convert import CheckpointMismatch
@@ -127,3 +129,21 @@ def to_official_state_dict(model: VAR) -> dict[str, Tensor]:
     """The official-format state dict of a nextscale VAR (same names; float32, contiguous, on CPU)."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
             for k, v in model.state_dict().items()}
+
+
+def load_prior(url: str, preset: str = "d16") -> VAR:
+    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}) or an official state dict
+    built as ``preset``; eval mode, gradients off."""
+    try:
+        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
+                                "models.prior_url") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
+        fields = {f.name for f in dataclasses.fields(VARConfig)}
+        cfg_dict = obj["config"].get("var", obj["config"])
+        cfg = from_dict(VARConfig, {k: v for k, v in cfg_dict.items() if k in fields}, prefix=f"{url}: config.")
+        var = load_official_var(obj["state_dict"], cfg)
+    else:
+        var = load_official_var(obj, preset)
+    return var.eval().requires_grad_(False)

@@ -401,15 +401,3 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model:
                  "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s, summary["final_loss"],
                  summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])
     return summary
-
-
-def load_prior(url: str) -> VAR:
-    """The VAR in a ``prior.pt`` written by :func:`save_prior`, in eval mode."""
-    from nextscale.config import from_dict
-
-    obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
-    var_cfg = from_dict(VARConfig, obj["config"], prefix="config.")
-    model = VAR(var_cfg)
-    model.load_state_dict(obj["state_dict"], strict=True)
-    return model.eval()
-
