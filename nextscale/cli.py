@@ -9,10 +9,11 @@ import argparse
 import importlib
 import json
 import logging
+import shutil
 import sys
 import textwrap
 
-from nextscale.config import ConfigError, describe, load_config
+from nextscale.config import ConfigError, describe, dump_yaml, load_config
 from nextscale.logs import setup_logging
 
 # subcommand -> (config class, run function, one-line description)
@@ -39,12 +40,23 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _stage_help(name: str) -> str:
+def _stage_help(name: str, width: int | None = None) -> str:
+    """What the stage does and every config key, its doc wrapped to the terminal (``width`` columns)."""
     config_spec, _, what = STAGES[name]
+    width = width or shutil.get_terminal_size((100, 24)).columns
     rows = describe(_resolve(config_spec))
-    width = max(len(k) for k, *_ in rows)
-    lines = [f"{key:<{width}}  {doc_} [{tp}, default {json.dumps(default)}]" for key, tp, default, doc_ in rows]
-    return f"{what}\n\nconfig keys (override as key.sub=value):\n" + "\n".join("  " + line for line in lines)
+    key_width = min(max(len(k) for k, *_ in rows), 32)
+    lines = []
+    for key, tp, default, doc_ in rows:
+        text = f"{doc_} [{tp}, default {json.dumps(default)}]"
+        indent = " " * (key_width + 4)
+        if len(key) > key_width or width - len(indent) < 30:  # no room beside the key: the doc goes below it
+            lines += [f"  {key}"] + textwrap.wrap(text, max(30, width - 6), initial_indent=" " * 6,
+                                                   subsequent_indent=" " * 6)
+        else:
+            lines += textwrap.wrap(text, width, initial_indent=f"  {key:<{key_width}}  ", subsequent_indent=indent)
+    head = textwrap.fill("config keys (override as key.sub=value; --print-config prints the resolved config):", width)
+    return f"{textwrap.fill(what, width)}\n\n{head}\n" + "\n".join(lines)
 
 
 def config_reference() -> str:
@@ -59,6 +71,10 @@ def config_reference() -> str:
     return "\n".join(parts) + "\n"
 
 
+# flags of a stage command, accepted anywhere among its overrides (argparse would stop at the first override)
+STAGE_FLAGS = {"-h": "help", "--help": "help", "--print-config": "print_config"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["submit"]:  # its own parser: options may come anywhere among the overrides
@@ -66,23 +82,25 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging()
         return submit_main(argv[1:])
+    flags = set()
+    if argv[:1] and argv[0] in STAGES:
+        flags = {STAGE_FLAGS[a] for a in argv[1:] if a in STAGE_FLAGS}
+        argv = argv[:1] + [a for a in argv[1:] if a not in STAGE_FLAGS]
     parser = argparse.ArgumentParser(
         prog="nextscale",
         description="VAR-style next-scale image generation on Ray: tokenize -> train-prior -> fid.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="stages:\n" + "\n".join(f"  {k:<16} {v[2]}" for k, v in STAGES.items())
-        + "\n  make-demo-data   write the built-in demo dataset to OUT\n\n"
-        + "nextscale <stage> --help lists every config key of that stage.",
+        epilog="nextscale <stage> --help                lists every config key of that stage\n"
+               "nextscale <stage> [CONFIG.yaml] [key.sub=value ...] --print-config\n"
+               "                                        prints the resolved config and exits",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGES:
-        p = sub.add_parser(name, add_help=False)
-        p.add_argument("-h", "--help", action="store_true")
-        p.add_argument("args", nargs="*", help="[CONFIG.yaml] key.sub=value ...")
-    sub.add_parser("config-docs", help="print the Markdown config reference (docs/configs.md)")
+    sub = parser.add_subparsers(dest="command", required=True, title="stages", metavar="<stage>")
+    for name, (_, _, what) in STAGES.items():
+        sub.add_parser(name, add_help=False, help=what).add_argument("args", nargs="*")
     sub.add_parser("submit", help="run a stage on the Ray cluster in $RAY_ADDRESS through the job API")
-    p = sub.add_parser("make-demo-data", help="write the built-in demo dataset")
+    p = sub.add_parser("make-demo-data", help="write the built-in demo dataset to OUT")
     p.add_argument("out", help="output folder (an ImageFolder with train/ and val/ splits)")
+    sub.add_parser("config-docs", help="print the Markdown config reference (docs/configs.md)")
     args = parser.parse_args(argv)
 
     setup_logging()
@@ -94,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-docs":
         print(config_reference(), end="")
         return 0
-    if args.help:
-        print(f"usage: nextscale {args.command} [CONFIG.yaml] [key.sub=value ...]\n")
-        print(textwrap.indent(_stage_help(args.command), ""))
+    if "help" in flags:
+        print(f"usage: nextscale {args.command} [CONFIG.yaml] [key.sub=value ...] [--print-config]\n")
+        print(_stage_help(args.command))
         return 0
     config_spec, run_spec, _ = STAGES[args.command]
     path = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
@@ -106,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"nextscale {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    if "print_config" in flags:
+        print(dump_yaml(cfg), end="")
+        return 0
     summary = _resolve(run_spec)(cfg)
     logging.getLogger("nextscale").info("done")
     print(json.dumps(summary, indent=1, default=str))

@@ -10,6 +10,7 @@ unknown keys, ill-typed values and failed ``__post_init__`` checks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,13 +25,18 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
 
 
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default and a one-line description shown by ``--help``."""
+def doc(default: Any, text: str, *, keys: type | None = None) -> Any:
+    """A dataclass field with a default and a one-line description shown by ``--help``.
+
+    ``keys``: for a ``dict`` field whose keys are the fields of a dataclass (e.g. model ``overrides``),
+    that dataclass, so that a misspelt key elsewhere can be pointed at ``<field>.<key>``.
+    """
+    metadata = {"doc": text, **({"keys": keys} if keys is not None else {})}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: default, metadata={"doc": text})
-    return dataclasses.field(default=default, metadata={"doc": text})
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,8 +84,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        guess = did_you_mean(cls, unknown[0])
+        hint = f"; did you mean {prefix + guess!r}?" if guess else ""
         raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; allowed keys here: {', '.join(sorted(fields))}"
+            f"unknown config key {prefix + unknown[0]!r}{hint} (allowed keys here: {', '.join(sorted(fields))})"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {name: coerce(value, hints[name], prefix + name) for name, value in data.items()}
@@ -89,6 +97,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key below ``cls``: sections, leaves, and the keys of ``doc(..., keys=...)`` dict fields."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        sub = hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else f.metadata.get("keys")
+        if sub is not None:
+            out.extend(all_keys(sub, f"{prefix}{f.name}."))
+    return out
+
+
+def did_you_mean(cls: type, key: str) -> str | None:
+    """The key below ``cls`` that ``key`` most likely meant (a typo, or a leaf given at the wrong depth)."""
+    def score(candidate: str) -> float:
+        leaf = candidate.rsplit(".", 1)[-1]
+        return max(difflib.SequenceMatcher(None, key, candidate).ratio(),
+                   difflib.SequenceMatcher(None, key.rsplit(".", 1)[-1], leaf).ratio())
+
+    scored = [(score(c), -c.count("."), c) for c in all_keys(cls) if c != key]
+    best = max(scored, default=None)
+    return best[2] if best and best[0] >= 0.75 else None
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -213,7 +244,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}."))
         else:
-            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            if typing.get_origin(tp) is Literal:
+                type_name = "one of " + ", ".join(map(str, typing.get_args(tp)))
+            else:
+                type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             rows.append((prefix + f.name, type_name, to_dict(default), f.metadata.get("doc", "")))
     return rows
 

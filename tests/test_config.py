@@ -50,7 +50,8 @@ def test_override_values_are_coerced_by_declared_type_not_guessed():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["optim.lrr=1"], "unknown config key 'optim.lrr'; allowed keys here: betas, lr"),
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'? (allowed keys here: betas, lr)"),
+    (["zzz=1"], "unknown config key 'zzz' (allowed keys here: compile, depth, name"),
     (["depth=deep"], "'depth' must be an integer, got 'deep'"),
     (["precision=fp8"], "'precision' must be one of 'fp32', 'bf16'"),
     (["compile=maybe"], "'compile' must be true or false"),
@@ -101,3 +102,47 @@ def test_docs_config_reference_is_current():
 
     committed = (Path(__file__).parent.parent / "docs" / "configs.md").read_text()
     assert committed == config_reference(), "docs/configs.md is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("stage, override, guess", [
+    ("train-prior", "model.depthh=3", "model.overrides.depth"),     # a typo of a key inside a dict of overrides
+    ("train-prior", "depth=3", "model.overrides.depth"),            # a leaf given at the wrong depth
+    ("train-prior", "model.overrides.embed_dm=3", "model.overrides.embed_dim"),
+    ("train-tokenizer", "model.vocab_sise=3", "model.overrides.vocab_size"),
+    ("train-prior", "data.batchsize=8", "data.batch_size"),
+])
+def test_unknown_keys_get_a_did_you_mean(stage, override, guess):
+    with pytest.raises(ConfigError) as e:
+        load_config(_resolve(STAGES[stage][0]), None, [override, "steps=1"] if stage == "train-prior" else [override])
+    assert f"did you mean {guess!r}?" in str(e.value)
+
+
+def test_cli_help_lists_each_stage_once_and_teaches_choices(capsys):
+    import re
+
+    from nextscale.cli import _stage_help, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in [*STAGES, "submit", "make-demo-data", "config-docs"]:
+        assert len(re.findall(rf"^\s+{re.escape(name)}(\s|$)", out, re.M)) == 1, (name, out)
+    text = _stage_help("train-prior", width=60)
+    words = " ".join(text.split())
+    assert "[one of fp32, bf16, fp16, default \"bf16\"]" in words and "one of ddp, fsdp" in words
+    assert max(len(line) for line in text.splitlines()) <= 60
+    assert _stage_help("train-prior", width=60) != _stage_help("train-prior", width=140)
+
+
+def test_cli_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path):
+    from nextscale.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("steps: 7\noptim:\n  lr: 0.01\n")
+    assert main(["train-prior", str(path), "--print-config", "optim.lr=0.02", "output=" + str(tmp_path / "o")]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["steps"] == 7 and printed["optim"]["lr"] == 0.02 and printed["optim"]["betas"] == [0.9, 0.95]
+    assert not (tmp_path / "o").exists()  # nothing ran
+    assert main(["train-prior", "model.depthh=3", "--print-config"]) == 2
+    assert "did you mean 'model.overrides.depth'?" in capsys.readouterr().err

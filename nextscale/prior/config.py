@@ -20,7 +20,8 @@ TOKENIZER_FIELDS = ("vocab_size", "latent_channels", "patch_nums")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PriorModelConfig:
     preset: str = doc("demo", f"VAR preset: one of {', '.join(VAR_PRESETS)}")
-    overrides: dict[str, Any] = doc({}, "VARConfig fields replacing the preset's, e.g. {depth: 12, drop_path_rate: 0.05}")
+    overrides: dict[str, Any] = doc({}, "VARConfig fields replacing the preset's, e.g. {depth: 12, drop_path_rate: 0.05}",
+                                  keys=VARConfig)
 
     def __post_init__(self) -> None:
         require(self.preset in VAR_PRESETS,

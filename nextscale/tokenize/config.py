@@ -12,7 +12,8 @@ from nextscale.tokenize.vqvae import VQVAE_PRESETS, VQVAEConfig
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenizerModelConfig:
     preset: str = doc("demo", f"VQVAE preset: one of {', '.join(VQVAE_PRESETS)}")
-    overrides: dict[str, Any] = doc({}, "VQVAEConfig fields replacing the preset's, e.g. {vocab_size: 256}")
+    overrides: dict[str, Any] = doc({}, "VQVAEConfig fields replacing the preset's, e.g. {vocab_size: 256}",
+                                  keys=VQVAEConfig)
     init_url: str = doc("", "optional starting weights: a tokenizer.pt or an official .pth of the same architecture")
 
     def __post_init__(self) -> None:
