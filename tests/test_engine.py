@@ -49,7 +49,7 @@ def _rows(out) -> list[dict]:
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "prior.pt"), weights_only=False)["state_dict"]
+    return torch.load(os.path.join(out, "prior.pt"), weights_only=True)["state_dict"]
 
 
 class CrashAfter(LocalContext):
@@ -126,7 +126,7 @@ def test_resume_gives_the_same_next_losses_bit_for_bit(codes, tmp_path):
 
 
 def test_checkpoint_is_complete(codes, tmp_path):
-    from nextscale.prior import checkpoint
+    from nextscale import checkpoint
 
     cfg = _cfg(codes, tmp_path, "steps=3")
     train_prior(cfg, LocalContext(cfg.output))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from golden_rule import GOLDEN, VQVAE_SEED_BASE, official_param_shapes, rule_state_dict
 
+from nextscale import checkpoint
 from nextscale.config import ConfigError, load_config
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.config import TokenizerTrainConfig
@@ -333,7 +334,7 @@ def test_gan_path_trains_and_resumes(small_images, tmp_path):
         train_tokenizer(cfg, _CrashAfterCheckpoint(cfg.output))
     summary = train_tokenizer(cfg, LocalContext(cfg.output))
     assert summary["steps"] == 4
-    state = torch.load(tmp_path / "gan" / "checkpoints" / "step-00000004" / "state.pt", weights_only=False)
+    state = checkpoint.load(str(tmp_path / "gan" / "checkpoints" / "step-00000004"))
     assert state["disc"] is not None and state["step"] == 4
 
 

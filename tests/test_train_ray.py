@@ -63,7 +63,7 @@ def _cfg(codes: str, out: str) -> PriorTrainConfig:
 
 
 def _weights(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "prior.pt"), weights_only=False)["state_dict"]
+    return torch.load(os.path.join(out, "prior.pt"), weights_only=True)["state_dict"]
 
 
 def _losses(out: str) -> list[float]:

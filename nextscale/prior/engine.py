@@ -26,10 +26,9 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from nextscale import storage
+from nextscale import checkpoint, storage
 from nextscale.config import dump_yaml, to_dict
 from nextscale.logs import WandbRun
-from nextscale.prior import checkpoint
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
 from nextscale.prior.optim import Schedule, build_optimizer

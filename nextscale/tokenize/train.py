@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nextscale import storage
+from nextscale import checkpoint, storage
 from nextscale.config import dump_yaml, to_dict
 from nextscale.logs import WandbRun
 from nextscale.runtime import TrainContext
@@ -43,8 +42,6 @@ from nextscale.tokenize.metrics import evaluate_reconstruction, psnr_db
 from nextscale.tokenize.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "state.pt"
 
 
 def split_items(cfg: TokenizerTrainConfig) -> tuple[list, list]:
@@ -102,16 +99,6 @@ def restart_dead_codes(model: VQVAE, f_BChw: torch.Tensor, threshold: float, gen
     return len(dead)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
     """Train, checkpoint through ``ctx``, export the EMA tokenizer; returns a JSON-able summary."""
     t_start, cpu_start = time.time(), time.process_time()
@@ -152,7 +139,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
     step = 0
     restore_dir = ctx.restore()
     if restore_dir:
-        state = torch.load(os.path.join(restore_dir, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        state = checkpoint.load(restore_dir)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -161,7 +148,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             disc_opt.load_state_dict(state["disc_opt"])
         restart_gen.set_state(state["restart_gen"])
         step = state["step"]
-        _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+        checkpoint.set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
         log.info("resumed tokenizer training at step %d", step)
 
     wandb = WandbRun(cfg.wandb, run_id=f"tokenizer-{abs(hash(cfg.output)) % 10**8}", config=cfg, rank=ctx.rank)
@@ -286,16 +273,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
 
 def _checkpoint(ctx: TrainContext, metrics: dict, state: dict) -> None:
     # every rank's RNG state, so that a resumed run draws the same augmentation and restarts
-    rngs = [_rng_state()]
-    if tdist.is_available() and tdist.is_initialized():
-        rngs = [None] * ctx.world_size
-        tdist.all_gather_object(rngs, _rng_state())
+    rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)
     if ctx.rank != 0:
         ctx.report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="nextscale-tok-ckpt-")
     try:
-        torch.save({**state, "rng": rngs}, os.path.join(tmp, CHECKPOINT_FILE))
+        checkpoint.save(tmp, {**state, "rng": rngs})
         ctx.report(metrics, checkpoint_dir=tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Complete training checkpoints: everything needed to continue bit for bit.
+"""Complete training checkpoints of both training loops: everything needed to continue bit for bit.
 
 One file ``state.pt`` in a local folder (the TrainContext persists the folder): the model's state dict
 taken from the unwrapped module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare VAR),
@@ -6,11 +6,17 @@ EMA weights if any, optimizer, GradScaler, step, epoch, every rank's loader posi
 (CPU, CUDA, numpy, python), the metric history and the resolved config. With FSDP the model and
 optimizer states are gathered to full (unsharded) tensors, so the weights load anywhere; the FSDP
 optimizer state is keyed by parameter name and resumes under FSDP.
+
+Checkpoints live in the run's output location, which others may be able to write to: they are read
+with ``torch.load(weights_only=True)``, so a planted pickle cannot run code. Everything saved is
+therefore tensors and plain Python values (the numpy and Python RNG states included).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
 from typing import Any
 
@@ -76,16 +82,29 @@ def load_model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Opti
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch CPU and CUDA, numpy, python) as tensors and plain values."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (or the numpy / python tuples of checkpoints before it)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):
+        numpy_state = ("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"])
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -107,9 +126,36 @@ def save(directory: str, state: dict[str, Any]) -> str:
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or holds objects a checkpoint never holds."""
+
+
+# Checkpoints written before the RNG states were stored as tensors hold numpy's RNG key array; these
+# globals rebuild a plain numeric ndarray and nothing else, so they are safe to allow.
+_LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_file(path: str, data: bytes | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A ``torch.save``d checkpoint file read with ``weights_only=True``: tensors and plain values only.
+
+    A file holding any other object (a pickle that could run code) is refused with a :class:`CheckpointError`.
+    """
+    source = io.BytesIO(data) if data is not None else path
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False: never do that with a file from a storage location
+        unsafe = str(e).split("Unsupported global: ")[-1].split(" was not")[0] if "Unsupported global" in str(e) else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects a nextscale checkpoint never holds"
+            f"{f' ({unsafe})' if unsafe else ''} and loading them could run code; it was not written by "
+            "nextscale: delete it (and check who can write to this location)") from None
+
+
 def load(directory: str) -> dict[str, Any]:
     """The state saved by :func:`save`, tensors on the CPU."""
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {directory} is not a nextscale prior checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{path} does not exist: {directory} is not a nextscale checkpoint")
+    return load_file(path)
