@@ -80,6 +80,19 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def sizes(urls: list[str]) -> list[int]:
+    """Sizes in bytes of ``urls`` (object stores: concurrent HEAD requests per filesystem)."""
+    groups: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        groups.setdefault(protocol(url), []).append(i)
+    out = [0] * len(urls)
+    for idx in groups.values():
+        fs = filesystem(urls[idx[0]])[0]
+        for i, n in zip(idx, fs.sizes([filesystem(urls[i])[1] for i in idx])):
+            out[i] = int(n)
+    return out
+
+
 def listdir(url: str, suffix: str = "") -> list[str]:
     """Sorted base names of the entries directly under ``url`` (empty if it does not exist)."""
     fs, path = filesystem(url)
@@ -100,6 +113,17 @@ def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
         return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist") from None
+
+
+def open_read(url: str, block_size: int = 8 * 2**20):
+    """A binary file object for reading ``url`` as a stream (object stores: ``block_size`` read-ahead)."""
+    fs, path = filesystem(url)
+    try:
+        if is_remote(url):
+            return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        return fs.open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist") from None
 

@@ -226,16 +226,27 @@ def test_job_webdataset_input_on_s3(ray_local, s3_bucket):
                         _wds_tar([("a0", good[0], 3), ("a1", good[1], 1), ("a2", b"broken", 2)]))
     storage.write_bytes(f"{s3_bucket}/imgs/train-000001.tar",
                         _wds_tar([("b0", good[2], 0), ("b1", good[3], None), ("b2", good[4], 2)]))
+    # a damaged tar (cut inside its third sample's image) keeps its readable samples; the job goes on
+    damaged = _wds_tar([("c0", good[0], 1), ("c1", good[1], 2), ("c2", good[2], 0)])
+    with tarfile.open(fileobj=io.BytesIO(damaged)) as t:
+        cut = t.getmember("c2.jpg").offset_data + 100
+    storage.write_bytes(f"{s3_bucket}/imgs/train-000002.tar", damaged[:cut])
     out = f"{s3_bucket}/codes"
     summary = run(_cfg(f"{s3_bucket}/imgs", out, views=1, batch_size=2))
-    assert (summary["listed"], summary["accepted"], summary["rejected"]) == (6, 4, 2)
+    assert (summary["listed"], summary["accepted"], summary["rejected"]) == (10, 6, 4)
     manifest = read_manifest(out)
-    assert manifest["input"]["format"] == "webdataset" and [s["num_samples"] for s in manifest["shards"]] == [2, 2]
-    assert {r["key"]: r["reason"][:14] for r in manifest["rejected"]} == {"a2": "not an image, ", "b1": "missing or non"}
+    assert manifest["input"]["format"] == "webdataset"
+    assert [s["num_samples"] for s in manifest["shards"]] == [2, 2, 2]
+    assert {r["key"]: r["reason"][:14] for r in manifest["rejected"]} == {
+        "a2": "not an image, ", "b1": "missing or non", "c2": "incomplete: th",
+        "train-000002/unreadable-rest": "input tar s3:/"}
+    damaged_url = f"{s3_bucket}/imgs/train-000002.tar"
+    assert [d["source"] for d in summary["damaged_inputs"]] == [damaged_url]
+    assert "is cut short inside member 'c2.jpg'" in summary["damaged_inputs"][0]["reason"]
     assert manifest["classes"] == ["0", "1", "2", "3"]
-    assert storage.listdir(out, ".tar") == ["codes-000000.tar", "codes-000001.tar"]
+    assert storage.listdir(out, ".tar") == ["codes-000000.tar", "codes-000001.tar", "codes-000002.tar"]
     labels = sorted(int(x) for _, l in CodeLoader(out, batch_size=3, num_workers=2) for x in l)
-    assert labels == [0, 1, 2, 3]
+    assert labels == [0, 1, 1, 2, 2, 3]
 
 
 def _write_photos(root: Path, n: int) -> None:

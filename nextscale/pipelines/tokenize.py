@@ -15,14 +15,14 @@ Workers only touch URLs (object storage or shared disks); the tokenizer travels 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
+import itertools
 import json
 import logging
 import os
-import tarfile
 import time
 from collections.abc import Iterator
 
@@ -32,16 +32,13 @@ import ray
 from nextscale import storage
 from nextscale.config import RayConfig, dump_yaml
 from nextscale.pipelines.common import init_ray
+from nextscale.tokenize import inputs
 from nextscale.tokenize import shards as sh
 from nextscale.tokenize.job_config import TokenizeConfig
 from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_views
 
 log = logging.getLogger(__name__)
 
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# memory reserved per decode task (a shard's bytes + decoded views). Declaring it also keeps Ray Data from fusing
-# decoding into the encoder actors, which would serialise every decode behind the encoder.
-DECODE_TASK_MEMORY = 256 * 2**20
 
 
 class InputError(ValueError):
@@ -119,14 +116,6 @@ def load_class_list(url: str) -> list[str]:
     return names
 
 
-def _dedupe(key: str, seen: dict[str, int]) -> str:
-    if key not in seen:
-        seen[key] = 0
-        return key
-    seen[key] += 1
-    return _dedupe(f"{key}_{seen[key]}", seen)
-
-
 def list_imagefolder(root: str, class_list: list[str] | None) -> tuple[list[dict], list[str]]:
     """Every (non-hidden) file under ``root`` as an item {key, source, label, reason}, plus the class names.
 
@@ -151,7 +140,7 @@ def list_imagefolder(root: str, class_list: list[str] | None) -> tuple[list[dict
     for rel in rel_paths:
         source = storage.join(root, rel) if proto != "file" else os.path.join(path, rel)
         stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-        key = _dedupe(sh.sanitize_key(stem), seen)
+        key = inputs.unique_key(sh.sanitize_key(stem), seen)
         folder = rel.split("/")[0] if "/" in rel else ""
         label, reason = index.get(folder, -1), ""
         if not folder:
@@ -172,6 +161,7 @@ class ShardTask:
     kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar)
     items: list[dict]          # files: the listed items; tar: []
     url: str = ""              # tar: the input tar
+    size: int = 0              # tar: its size in bytes (a re-copied, repaired tar makes its shard be redone)
 
     @property
     def name(self) -> str:
@@ -179,7 +169,7 @@ class ShardTask:
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
-        payload = self.url if self.kind == "tar" else json.dumps(self.items, sort_keys=True)
+        payload = f"{self.url}\n{self.size}" if self.kind == "tar" else json.dumps(self.items, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -189,7 +179,9 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
     class_list = load_class_list(cfg.class_list) if cfg.class_list else None
     if fmt == "webdataset":
         tars = list_tars(cfg.input)
-        return [ShardTask(i, "tar", [], url=u) for i, u in enumerate(tars)], class_list or [], fmt
+        sizes = storage.sizes(tars)
+        return [ShardTask(i, "tar", [], url=u, size=n) for i, (u, n) in enumerate(zip(tars, sizes))], \
+            class_list or [], fmt
     items, classes = list_imagefolder(cfg.input, class_list)
     if cfg.max_images:
         items = items[: cfg.max_images]
@@ -202,44 +194,9 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
 # Workers: read + decode + views (CPU tasks), encode (actor pool)
 
 
-def _read_tar_items(url: str, num_classes: int = 0) -> list[tuple[dict, bytes]]:
-    """Samples of a webdataset image tar as (item, image bytes); a missing image or a missing/out-of-range
-    label (``num_classes`` > 0: the class list's size) makes a rejected item."""
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url)), mode="r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            d, _, base = m.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            if not stem or stem.startswith("."):
-                continue
-            key = f"{d}/{stem}" if d else stem
-            if key not in groups:
-                groups[key], _ = {}, order.append(key)
-            f = tar.extractfile(m)
-            groups[key][ext.lower()] = f.read() if f else b""
-    out, seen = [], {}
-    for key in order:
-        g = groups[key]
-        ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in g), None)
-        reason, label = "", -1
-        try:
-            label = int(g.get("cls", b"").decode().strip())
-        except ValueError:
-            reason = "missing or non-integer 'cls' label"
-        if not reason and (label < 0 or 0 < num_classes <= label):
-            reason = f"label {label} is outside the class list (0..{num_classes - 1})" if num_classes else \
-                f"negative label {label}"
-        if ext is None:
-            reason = f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) in the sample"
-        item = {"key": _dedupe(sh.sanitize_key(key), seen), "source": f"{url}#{key}", "label": label, "reason": reason}
-        out.append((item, g.get(ext, b"") if ext else b""))
-    return out
-
-
-def _read_files(items: list[dict], threads: int) -> list[bytes]:
+def _file_samples(items: list[dict], threads: int, window: int) -> Iterator[tuple[dict, bytes | Exception]]:
+    """Listed files as (item, bytes or the read error), in order; at most ``window`` reads in flight or
+    waiting, so a shard task holds about two chunks of image bytes, not the whole shard."""
     def read(item: dict) -> bytes | Exception:
         if item["reason"]:
             return b""
@@ -249,26 +206,45 @@ def _read_files(items: list[dict], threads: int) -> list[bytes]:
             return e
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(items)))) as pool:
-        return list(pool.map(read, items))
+        futures = collections.deque(pool.submit(read, it) for it in items[:window])
+        for i, item in enumerate(items):
+            if i + window < len(items):
+                futures.append(pool.submit(read, items[i + window]))
+            yield item, futures.popleft().result()
+
+
+def _storage_errors_named(samples: Iterator, url: str) -> Iterator:
+    """A storage error while streaming an input tar stops the job (a rerun may succeed) with the tar's name;
+    damage inside the tar does not (:func:`inputs.tar_samples` turns it into rejected items)."""
+    try:
+        yield from samples
+    except OSError as e:
+        raise InputError(f"cannot read input tar {url}: {type(e).__name__}: {e}; check that it exists and is "
+                         "readable, then re-run (finished shards are kept)") from e
+
+
+def decode_task_memory(chunk: int, views: int, image_size: int) -> int:
+    """Bytes reserved per decode task: two chunks of views (one being made, one handed to Ray) plus room
+    for decoding one large photo and a chunk of compressed bytes."""
+    return 128 * 2**20 + 2 * chunk * views * image_size * image_size * 3
 
 
 def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int, augmentation: str,
                    crop_ratio: float, seed: int, min_side: int, chunk: int, read_threads: int) -> Iterator[dict]:
-    """One shard task -> its chunks: records (JSON) and the accepted items' uint8 views (bytes)."""
+    """One shard task -> its chunks: records (JSON) and the accepted items' uint8 views (bytes).
+
+    Inputs are streamed: a chunk is yielded as soon as its ``chunk`` items are decoded. Only the last chunk
+    knows how many chunks the shard has (``num_chunks``; 0 on the others).
+    """
     task = json.loads(batch["task"][0])
     if task["kind"] == "tar":
-        try:
-            pairs = _read_tar_items(task["url"], task.get("num_classes", 0))
-        except (OSError, tarfile.TarError) as e:
-            raise InputError(f"cannot read input tar {task['url']}: {e}; fix or remove it") from e
-        items, blobs = [p[0] for p in pairs], [p[1] for p in pairs]
+        samples = _storage_errors_named(inputs.tar_samples(task["url"], task.get("num_classes", 0)), task["url"])
     else:
-        items = task["items"]
-        blobs = _read_files(items, read_threads)
-    num_chunks = max(1, -(-len(items) // chunk))
-    for c in range(num_chunks):
+        samples = _file_samples(task["items"], read_threads, window=2 * chunk)
+
+    def make_chunk(c: int, group: list[tuple[dict, bytes | Exception]], last: bool) -> dict:
         records, arrays = [], []
-        for item, data in zip(items[c * chunk:(c + 1) * chunk], blobs[c * chunk:(c + 1) * chunk]):
+        for item, data in group:
             rec = dict(item)
             if isinstance(data, Exception):
                 rec["reason"] = f"unreadable: {type(data).__name__}: {data}"
@@ -280,9 +256,19 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
             rec["status"] = "rejected" if rec["reason"] else "accepted"
             records.append(rec)
         stacked = np.stack(arrays) if arrays else np.zeros((0, views, image_size, image_size, 3), np.uint8)
-        yield {"shard": np.array([task["index"]]), "chunk": np.array([c]), "num_chunks": np.array([num_chunks]),
-               "records": np.array([json.dumps(records)], dtype=object),
-               "views": np.array([stacked.tobytes()], dtype=object), "n_ok": np.array([len(arrays)])}
+        return {"shard": np.array([task["index"]]), "chunk": np.array([c]),
+                "num_chunks": np.array([c + 1 if last else 0]),
+                "records": np.array([json.dumps(records)], dtype=object),
+                "views": np.array([stacked.tobytes()], dtype=object), "n_ok": np.array([len(arrays)])}
+
+    # one chunk of look-ahead tells the last chunk apart; an input with no samples still makes one (empty) chunk
+    group, c = list(itertools.islice(samples, chunk)), 0
+    while True:
+        following = list(itertools.islice(samples, chunk))
+        yield make_chunk(c, group, last=not following)
+        if not following:
+            return
+        group, c = following, c + 1
 
 
 class ShardChunkEncoder:
@@ -431,6 +417,10 @@ def run(cfg: TokenizeConfig) -> dict:
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
     storage.write_text(storage.join(cfg.output, sh.MANIFEST), manifest.to_json())  # last: the dataset is complete
 
+    damaged = [{"source": r["source"], "reason": r["reason"]} for t in tasks for r in parts[t.index]["records"]
+               if r.get("input_error")]
+    for d in damaged:
+        log.warning("damaged input: %s", d["reason"])
     total_s = time.perf_counter() - t0
     rate = made_images / job_s if made_images and job_s > 0 else 0.0
     summary = {"output": cfg.output, "manifest": storage.join(cfg.output, sh.MANIFEST), "shards": len(tasks),
@@ -439,13 +429,15 @@ def run(cfg: TokenizeConfig) -> dict:
                "views": views, "num_tokens": L, "images_processed": made_images, "img_per_s": round(rate, 2),
                "steady_img_per_s": round(steady, 2),
                "encoder_busy_fraction": round(timing["encode_busy_s"] / span, 3) if span > 0 else 0.0,
-               "job_seconds": round(job_s, 2), "seconds": round(total_s, 2), "tokenizer_sha256": tok["sha256"]}
+               "damaged_inputs": damaged, "job_seconds": round(job_s, 2), "seconds": round(total_s, 2), "tokenizer_sha256": tok["sha256"]}
     log.info(
         "tokenize finished in %.1f s: %d images listed from %s, %d encoded into %d shards (%d made now, %d already "
-        "there) and %d rejected (reasons in the manifest and index.parquet); %d views x %d tokens each, %.1f img/s "
-        "for the images processed in this run; codes, index.parquet and manifest.json in %s",
+        "there) and %d rejected (reasons in the manifest and index.parquet)%s; %d views x %d tokens each, %.1f "
+        "img/s for the images processed in this run; codes, index.parquet and manifest.json in %s",
         total_s, manifest.num_listed, cfg.input, manifest.num_samples, len(tasks), len(todo),
-        len(tasks) - len(todo), manifest.num_rejected, views, L, rate, cfg.output)
+        len(tasks) - len(todo), manifest.num_rejected,
+        f"; {len(damaged)} input file(s) were damaged, their readable samples kept and the rest listed as rejected"
+        if damaged else "", views, L, rate, cfg.output)
     return summary
 
 
@@ -462,7 +454,10 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
                                  "num_classes": num_classes})} for t in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
-        read_and_views, batch_size=1, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
+        # declaring the memory also keeps Ray Data from fusing decoding into the encoder actors, which would
+        # serialise every decode behind the encoder
+        read_and_views, batch_size=1, batch_format="numpy", num_cpus=1,
+        memory=decode_task_memory(chunk, cfg.views, size),
         scheduling_strategy="SPREAD",
         resources=dict(cfg.decode_resources),
         fn_kwargs=dict(image_size=size, views=cfg.views, augmentation=cfg.augmentation, crop_ratio=cfg.crop_ratio,
@@ -476,13 +471,16 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
                                    num_threads=int(cfg.encoder_num_cpus)))
     digests = {t.index: t.digest() for t in todo}
     pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
+    expected: dict[int, int] = {}  # shard -> number of chunks, known once its last chunk arrived
     images, t_first, t_last, busy = 0, float("inf"), 0.0, 0.0
     for row in ds.iter_rows():
         t_first, t_last = min(t_first, float(row["t0"])), max(t_last, float(row["t1"]))
         busy += float(row["t1"]) - float(row["t0"])
         s, c, nc = int(row["shard"]), int(row["chunk"]), int(row["num_chunks"])
         pending.setdefault(s, {})[c] = (json.loads(row["records"]), bytes(row["codes"]))
-        if len(pending[s]) == nc:
+        if nc:
+            expected[s] = nc
+        if len(pending[s]) == expected.get(s):
             part = write_shard(cfg, s, digests[s], fingerprint, pending.pop(s), cfg.views, L)
             parts[s] = part
             images += len(part["records"])
