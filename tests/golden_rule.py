@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_MVAR = GOLDEN / "mvar"  # the official M-VAR's outputs (tests/golden/mvar/README.md), same rule
 VQVAE_SEED_BASE = 10_000
 VAR_SEED_BASE = 20_000
+MVAR_SEED_BASE = 30_000
 
 
 def load(name: str) -> np.ndarray:
@@ -38,6 +40,6 @@ def rule_state_dict(param_shapes: dict[str, tuple[int, ...]], seed_base: int) ->
 
 
 def official_param_shapes(model: str) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of the tiny official models ("vqvae" or "var"), from tiny_params.json."""
-    params = json.loads((GOLDEN / "tiny_params.json").read_text())[model]
+    """Parameter names and shapes of the tiny official models ("vqvae", "var" or "mvar"), from tiny_params.json."""
+    params = json.loads(((GOLDEN_MVAR if model == "mvar" else GOLDEN) / "tiny_params.json").read_text())[model]
     return {p["name"]: tuple(p["shape"]) for p in params}
