@@ -1,16 +1,22 @@
-"""One door to every storage location: local paths, ``file://``, ``s3://``, ``gs://``.
+"""One door to every storage location: local paths, ``file://``, ``s3://``, ``gs://``, and read-only
+``hf://`` (the Hugging Face Hub: ``hf://FoundationVision/var/var_d16.pth``, ``hf://datasets/<org>/<name>/…``)
+and ``https://``.
 
 URLs are resolved with fsspec. S3-compatible endpoints and credentials come from the standard
 environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_DEFAULT_REGION``), which :func:`configure` can set from a :class:`StorageConfig` before Ray
 starts so that every worker inherits them. Writes are atomic: a local file is written under a
 temporary name and renamed; an object is uploaded in one PUT and so only appears once complete.
+Whole-file reads of Hub and web files (checkpoints, reference statistics) go through a download cache
+on the machine's disk (:func:`local_copy`), so the many workers of one node download a file once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -19,8 +25,15 @@ import fsspec
 
 from nextscale.config import StorageConfig
 
-REMOTE_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+log = logging.getLogger(__name__)
+
+REMOTE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "hf", "http", "https")
+# whole-file reads of these come from the download cache (immutable published files: weights, statistics)
+CACHED_PROTOCOLS = ("hf", "http", "https")
+# the pip extra that brings each protocol's fsspec implementation
+EXTRAS = {"hf": "hub", "gs": "gcs", "gcs": "gcs"}
 DRIVER_CWD_ENV = "NEXTSCALE_DRIVER_CWD"
+CACHE_ENV = "NEXTSCALE_CACHE"
 
 
 def configure(cfg: StorageConfig) -> None:
@@ -53,7 +66,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url, **_remote_options(proto))
     except ImportError as e:
-        raise RuntimeError(f"cannot open {url!r}: {e}; install the matching extra, e.g. pip install 'nextscale[gcs]'") from e
+        extra = EXTRAS.get(proto)
+        fix = f"pip install 'nextscale[{extra}]'" if extra else f"install the fsspec implementation of {proto}://"
+        raise RuntimeError(f"cannot open {url!r}: {e}; {fix}") from e
     return fs, path
 
 
@@ -110,6 +125,9 @@ def makedirs(url: str) -> None:
 
 
 def read_bytes(url: str) -> bytes:
+    if protocol(url) in CACHED_PROTOCOLS:
+        with open(local_copy(url), "rb") as f:
+            return f.read()
     fs, path = filesystem(url)
     try:
         return fs.cat_file(path)
@@ -177,3 +195,75 @@ def pyarrow_filesystem(url: str):
         return pafs.LocalFileSystem(), filesystem(url)[1]
     fs, path = filesystem(url)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+# ------------------------------------------------------------------------------------------------
+# Download cache for Hub and web files
+
+
+def cache_dir() -> str:
+    """``$NEXTSCALE_CACHE``, else ``$XDG_CACHE_HOME/nextscale``, else ``~/.cache/nextscale``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nextscale")
+
+
+def hub_location(url: str) -> tuple[str, str, str]:
+    """(repo id, file inside the repo, revision) of an ``hf://[datasets/|spaces/]owner/name[@rev]/file`` URL."""
+    parts = str(url).removeprefix("hf://").split("/")
+    kind = parts.pop(0) + "/" if parts[0] in ("datasets", "spaces", "models") else ""
+    repo, _, revision = "/".join(parts[:2]).partition("@")
+    return kind + repo, "/".join(parts[2:]), revision or "main"
+
+
+def _missing(url: str) -> str:
+    if protocol(url) != "hf":
+        return f"{url} does not exist"
+    repo, file, revision = hub_location(url)
+    return (f"{url} does not exist: the Hub repo {repo!r} has no file {file!r} at revision {revision!r}, or the "
+            "repo does not exist or is private (log in with `hf auth login` or set HF_TOKEN). Official weights: "
+            "hf://FoundationVision/var/vae_ch160v4096z32.pth, hf://FoundationVision/var/var_d16.pth … var_d30.pth, "
+            "var_d36.pth")
+
+
+def local_copy(url: str) -> str:
+    """A local file holding the bytes of ``url``: a local path as it is; a Hub, web or object-store file
+    downloaded into :func:`cache_dir`, once per machine.
+
+    The cached name is keyed by the URL and the file's version on the server (the Hub's content hash, an
+    ETag, else its size), so a file replaced upstream is downloaded again. A file lock makes the other
+    processes of the machine (Ray workers of one node) wait for the one download instead of repeating it.
+    """
+    import filelock
+
+    fs, path = filesystem(url)
+    if protocol(url) == "file":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{url} does not exist")
+        return path
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(_missing(url)) from None
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{url} is a folder; give the URL of a file in it")
+    lfs = info.get("lfs") or {}
+    version = lfs.get("sha256") or info.get("blob_id") or info.get("ETag") or info.get("etag") or info.get("size")
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    key = hashlib.sha256(f"{url}\n{version}".encode()).hexdigest()[:16]
+    folder = cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, f"{key}-{name}")
+    with filelock.FileLock(dest + ".lock"):
+        if os.path.exists(dest):
+            return dest
+        log.info("downloading %s (%.1f MB) to %s", url, (info.get("size") or 0) / 1e6, dest)
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            fs.get_file(path, tmp)
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            raise FileNotFoundError(_missing(url)) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return dest
