@@ -14,6 +14,7 @@ import yaml
 
 from nextscale.cli import STAGES, _resolve
 from nextscale.config import load_config
+from nextscale.pipelines.common import is_secret
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "configs" / "cluster"
@@ -65,6 +66,12 @@ def test_launcher_config_validates_against_the_installed_ray_schema(name):
     assert (REPO / source / "pyproject.toml").is_file()
     assert any(target in c and "pip install" in c for c in config["setup_commands"])
     assert {".venv", ".git", "data", "runs"} <= set(config["rsync_exclude"])
+    # safe by default: token auth in every container, the token on every node, the job API on loopback only
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not [c for c in starts if "0.0.0.0" in c or "RAY_AUTH_MODE=disabled" in c]
 
 
 def _pod_groups(cluster_spec: dict) -> list[dict]:
@@ -75,6 +82,7 @@ def _check_ray_cluster_spec(spec: dict) -> None:
     import ray
 
     assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"] == {"mode": "token"}, "the dashboard listens on 0.0.0.0 in the pod: token auth on"
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["workerGroupSpecs"], "no worker groups"
     for group in _pod_groups(spec):
@@ -109,6 +117,7 @@ def test_kuberay_rayjob_manifest_runs_a_real_stage_with_a_valid_runtime_env():
     assert runtime_env["working_dir"] == "/home/ray/nextscale"  # where configs/cluster/Dockerfile puts the repo
     assert runtime_env["env_vars"]["NEXTSCALE_IN_RAY_JOB"] == "1"
     assert runtime_env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # else init_ray's env_vars conflict
+    assert not [k for k in runtime_env["env_vars"] if is_secret(k)], "secrets belong in the pods' Secret"
     RuntimeEnv(**{**runtime_env, "working_dir": str(REPO)})  # every field is one Ray knows, with valid values
     # the job asks for as many Train workers as the worker groups have GPUs
     argv = shlex.split(spec["entrypoint"])

@@ -71,12 +71,16 @@ def test_working_dir_holds_the_package_the_configs_and_the_submitted_file(tmp_pa
 
 
 def test_forwarded_environment():
-    env = sub.forwarded_env({"AWS_ENDPOINT_URL": "http://e", "AWS_SECRET_ACCESS_KEY": "s", "WANDB_API_KEY": "k",
-                             "WANDB_MODE": "offline", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "HOME": "/root",
-                             "PYTHONPATH": "/work", "WANDB_DIR": "/tmp/w", "RAY_AUTH_TOKEN": "t"})
-    assert env == {"AWS_ENDPOINT_URL": "http://e", "AWS_SECRET_ACCESS_KEY": "s", "WANDB_API_KEY": "k",
-                   "WANDB_MODE": "offline", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "NEXTSCALE_IN_RAY_JOB": "1",
-                   "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    environ = {"AWS_ENDPOINT_URL": "http://e", "AWS_SECRET_ACCESS_KEY": "s", "WANDB_API_KEY": "k",
+               "WANDB_MODE": "offline", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "HOME": "/root",
+               "PYTHONPATH": "/work", "WANDB_DIR": "/tmp/w", "RAY_AUTH_TOKEN": "t"}
+    settings = {"AWS_ENDPOINT_URL": "http://e", "WANDB_MODE": "offline", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+                "NEXTSCALE_IN_RAY_JOB": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    assert sub.forwarded_env(environ) == {**settings, "AWS_SECRET_ACCESS_KEY": "s", "WANDB_API_KEY": "k"}
+    assert sub.forwarded_env(environ, credentials=False) == settings
+    assert sub.plan("tokenize", None, ["output=o"], environ).credentials == ("AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY")
+    no_keys = sub.plan("tokenize", None, ["output=o"], environ, credentials=False)
+    assert no_keys.credentials == () and no_keys.env_vars == settings
 
 
 def test_auth_headers(tmp_path, monkeypatch):
@@ -187,7 +191,26 @@ def _summary(logs: str) -> dict:
 
 
 @pytest.mark.slow
+def test_credentials_are_never_sent_to_a_head_without_auth(monkeypatch):
+    """A head started without token auth answers anyone: the submission stops before anything is sent."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with RayHead(num_cpus=1) as head:
+        assert sub.head_requires_auth(head.address) is False
+        with pytest.raises(sub.SubmitError, match="refusing to send AWS_SECRET_ACCESS_KEY, WANDB_API_KEY"):
+            sub.submit("tokenize", None, ["output=o"], address=head.address, wait=False)
+        assert cli_main(["submit", "tokenize", "output=o", "--address", head.address, "--no-wait"]) == 2
+        assert sub.client(head.address).list_jobs() == []
+        # with --no-credentials the nodes bring their own: nothing secret in the plan, nothing to refuse
+        job = sub.plan("tokenize", None, ["output=o"], credentials=False)
+        assert job.credentials == () and "AWS_SECRET_ACCESS_KEY" not in job.env_vars
+        sub.check_credentials_go_to_an_authenticated_head(job, head.address)
+
+
+@pytest.mark.slow
 def test_missing_token_is_a_clear_error(ray_head, monkeypatch, tmp_path):
+    assert sub.head_requires_auth(ray_head.address) is True
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)

@@ -1,9 +1,16 @@
-"""What every Ray job shares: connecting to (or starting) Ray, and shipping the package to workers."""
+"""What every Ray job shares: connecting to (or starting) Ray, and shipping the package to workers.
+
+Secrets never travel in a runtime env: Ray writes every runtime env in plain text to its logs
+(``runtime_env_agent.log``) and the job API returns it. Workers of a local instance inherit the
+driver's environment (the instance is started by this process); nodes of a cluster have their own
+(instance profile, workload identity, the Kubernetes secret of configs/cluster, a key file path).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 import ray
 
@@ -13,23 +20,31 @@ from nextscale.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Environment variables a job forwards to its workers (storage credentials, wandb, Ray Train tuning).
+# Settings a job passes to its workers: endpoints, regions, modes and file paths, never a secret
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "GOOGLE_APPLICATION_CREDENTIALS",
-    "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "TORCH_HOME", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+    "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS",
+    "WANDB_MODE", "WANDB_DIR", "TORCH_HOME", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
 )
+# Credentials: what a variable holding one is called (GOOGLE_APPLICATION_CREDENTIALS is a path, not one)
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY")
+
+
+def is_secret(name: str) -> bool:
+    """Whether the environment variable ``name`` holds a credential (AWS keys, WANDB_API_KEY, tokens...)."""
+    return bool(SECRET_NAME.search(name))
 
 
 def init_ray(cfg: RayConfig) -> None:
     """Connect to ``cfg.address`` / ``$RAY_ADDRESS`` if given, else start a local instance.
 
     The ``nextscale`` package travels to the workers as a ``py_modules`` entry (unless this process is
-    itself running inside a Ray job that already ships it), with the storage and wandb environment.
+    itself running inside a Ray job that already ships it), with the storage and wandb settings of
+    :data:`FORWARDED_ENV`; credentials stay in the environment (see the module docstring).
     """
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and not is_secret(k)}
     runtime_env: dict = {"env_vars": env}
     if not os.environ.get("NEXTSCALE_IN_RAY_JOB"):
         runtime_env["py_modules"] = [os.path.dirname(nextscale.__file__)]
@@ -38,7 +53,8 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # workers of a local instance share this machine: relative local paths resolve against our cwd
+        # workers of a local instance share this machine: relative local paths resolve against our cwd; they
+        # inherit this process's environment (Ray's processes are its children), credentials included
         env[storage.DRIVER_CWD_ENV] = os.getcwd()
         # address="local": never attach to some other Ray instance that happens to run on this machine
         kwargs = {"address": "local", "include_dashboard": False, "runtime_env": runtime_env}

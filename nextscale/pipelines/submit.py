@@ -4,10 +4,14 @@ What a submission carries (``ray job submit`` semantics, through :class:`JobSubm
 - the code: a small staging copy of the ``nextscale`` package, the project's ``configs/`` and the
   submitted config file, shipped as the job's ``working_dir`` (the cluster image already has
   nextscale's dependencies: torch, ray[data,train], webdataset, s3fs…; pass ``pip=`` to add more);
-- the environment: storage credentials (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``), wandb
-  (``WANDB_API_KEY``, ``WANDB_MODE``…), ``NEXTSCALE_IN_RAY_JOB=1`` so that the job's ``init_ray`` does
-  not ship the package a second time, and ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` so that its ``env_vars``
-  may repeat the job's;
+- the environment: storage and wandb settings (``AWS_ENDPOINT_URL``, ``WANDB_MODE``...),
+  ``NEXTSCALE_IN_RAY_JOB=1`` so that the job's ``init_ray`` does not ship the package a second time, and
+  ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` so that its ``env_vars`` may repeat the job's; credentials
+  (``AWS_SECRET_ACCESS_KEY``, ``WANDB_API_KEY``... see :func:`nextscale.pipelines.common.is_secret`) only to
+  a head that requires a token, and never with ``--no-credentials`` (nodes with an instance profile,
+  workload identity or the cluster's own secret need none). A runtime env is visible to whoever can
+  read the job API and is logged by Ray on the nodes: a head without auth would hand the keys to
+  anyone who reaches its port, so ``submit`` refuses to send them there;
 - the entrypoint ``python -m nextscale.cli <stage> <config> <overrides>``.
 
 Idempotence. The submission id is ``ns-<stage>-<output slug>-<config hash>-<attempt>``: the stage,
@@ -16,13 +20,14 @@ it). Submitting the same job again attaches to the attempt still pending or runn
 attempt has finished or failed, a new attempt is submitted and the stage resumes from its output
 location (tokenize skips finished shards, train-prior restarts from its latest checkpoint).
 
-Auth. Ray >= 2.59 turns token auth on for local clusters. The client sends ``Authorization: Bearer``
+Auth. The shipped cluster configs turn Ray's token auth on (``RAY_AUTH_MODE=token``). The client sends ``Authorization: Bearer``
 with the token from ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
 (``ray get-auth-token`` on the head prints it), unless ``RAY_AUTH_MODE=disabled``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import logging
@@ -33,13 +38,16 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import nextscale
-from nextscale.config import dump_yaml, load_config
+from nextscale.config import ConfigError, dump_yaml, load_config
+from nextscale.pipelines.common import is_secret
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,7 @@ class JobPlan:
     entrypoint: str
     env_vars: dict[str, str]
     config_yaml: str        # the resolved config (what the job will resolve too)
+    credentials: tuple[str, ...] = ()  # names of the secret variables among env_vars
 
     def runtime_env(self, working_dir: str, pip: Sequence[str] = ()) -> dict:
         env: dict = {"working_dir": working_dir, "env_vars": dict(self.env_vars)}
@@ -90,9 +99,11 @@ def project_root() -> Path | None:
     return root if pyproject.is_file() and 'name = "nextscale"' in pyproject.read_text() else None
 
 
-def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def forwarded_env(environ: dict[str, str] | None = None, credentials: bool = True) -> dict[str, str]:
+    """The job's ``env_vars``: settings from ``environ``, and its credentials only when ``credentials``."""
     environ = dict(os.environ if environ is None else environ)
-    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
+    env = {k: v for k, v in environ.items() if (k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES)
+           and (credentials or not is_secret(k))}
     env["NEXTSCALE_IN_RAY_JOB"] = "1"
     # init_ray in the job passes the storage/wandb variables again (plus what storage.configure set from the
     # config): let the driver's values win instead of Ray refusing the overlap with the job's runtime env
@@ -117,7 +128,7 @@ def _job_config_path(config_path: str | None) -> str | None:
 
 
 def plan(stage: str, config_path: str | None = None, overrides: Sequence[str] = (),
-         environ: dict[str, str] | None = None) -> JobPlan:
+         environ: dict[str, str] | None = None, credentials: bool = True) -> JobPlan:
     """Resolve the stage's config here (so errors surface before anything is sent) and derive the job."""
     from nextscale.cli import STAGES, _resolve
 
@@ -130,8 +141,10 @@ def plan(stage: str, config_path: str | None = None, overrides: Sequence[str] = 
     id_prefix = f"ns-{stage}-{_slug(output, 48)}-{config_hash}"
     job_config = _job_config_path(config_path)
     argv = ["python", "-m", "nextscale.cli", stage, *([job_config] if job_config else []), *overrides]
+    env = forwarded_env(environ, credentials)
     return JobPlan(stage=stage, output=output, config_hash=config_hash, id_prefix=id_prefix,
-                   entrypoint=shlex.join(argv), env_vars=forwarded_env(environ), config_yaml=config_yaml)
+                   entrypoint=shlex.join(argv), env_vars=env, config_yaml=config_yaml,
+                   credentials=tuple(sorted(k for k in env if is_secret(k))))
 
 
 def stage_working_dir(dest: str, config_path: str | None = None) -> str:
@@ -168,6 +181,30 @@ def dashboard_address(address: str | None = None) -> str:
     if not address.startswith(("http://", "https://")) and "://" not in address:
         address = f"http://{address}"
     return address
+
+
+def head_requires_auth(address: str | None = None) -> bool:
+    """Whether the head at ``address`` refuses a request without a token (asked without one)."""
+    url = dashboard_address(address).rstrip("/") + "/api/version"
+    try:
+        urllib.request.urlopen(url, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403)
+    except OSError as e:
+        raise SubmitError(f"cannot reach the Ray dashboard at {dashboard_address(address)}: {e}; is the cluster up "
+                          "and the port forwarded (`ray dashboard CLUSTER.yaml`)?") from e
+    return False
+
+
+def check_credentials_go_to_an_authenticated_head(job: JobPlan, address: str | None = None) -> None:
+    """Refuse to send credentials to a head whose job API answers anyone (they would be readable there)."""
+    if job.credentials and not head_requires_auth(address):
+        raise SubmitError(
+            f"the Ray head at {dashboard_address(address)} answers requests without a token: refusing to send "
+            f"{', '.join(job.credentials)} to it (anyone reaching its job API could read them). Turn token auth on "
+            "(RAY_AUTH_MODE=token on every node, as configs/cluster/ does; docs/cluster.md) and export "
+            "RAY_AUTH_TOKEN, or pass --no-credentials and give the nodes their own access (instance profile, "
+            "workload identity, the cluster's secret)")
 
 
 def client(address: str | None = None):
@@ -247,15 +284,17 @@ def follow(job_client, submission_id: str, out: TextIO, poll_s: float = 1.0) -> 
 
 
 def submit(stage: str, config_path: str | None = None, overrides: Sequence[str] = (), *, address: str | None = None,
-           wait: bool = True, pip: Sequence[str] = (), out: TextIO | None = None) -> int:
+           wait: bool = True, pip: Sequence[str] = (), credentials: bool = True, out: TextIO | None = None) -> int:
     """Run ``nextscale <stage> CONFIG overrides`` as a Ray job on the cluster at ``address`` / ``$RAY_ADDRESS``.
 
     Attaches to the same job when it is already pending or running. With ``wait`` the job's logs are
     streamed to ``out`` (stdout) and its exit status is returned: 0 when it SUCCEEDED, the driver's
-    exit code (or 1) otherwise. Without ``wait`` it returns 0 once the job is accepted.
+    exit code (or 1) otherwise. Without ``wait`` it returns 0 once the job is accepted. Credentials in
+    the environment travel only with ``credentials`` and only to a head that requires a token.
     """
     out = sys.stdout if out is None else out
-    job = plan(stage, config_path, overrides)
+    job = plan(stage, config_path, overrides, credentials=credentials)
+    check_credentials_go_to_an_authenticated_head(job, address)
     job_client = client(address)
     t0 = time.perf_counter()
     submission_id, attached = submit_or_attach(job_client, job, config_path, pip=pip)
@@ -280,10 +319,7 @@ def submit(stage: str, config_path: str | None = None, overrides: Sequence[str] 
 
 def main(argv: Sequence[str]) -> int:
     """``nextscale submit <stage> [CONFIG.yaml] [key.sub=value ...] [--address URL] [--no-wait] [--pip REQ]``."""
-    import argparse
-
     from nextscale.cli import STAGES
-    from nextscale.config import ConfigError
 
     parser = argparse.ArgumentParser(
         prog="nextscale submit", description="Run a stage on the Ray cluster at $RAY_ADDRESS (http://HEAD:8265) "
@@ -294,11 +330,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--address", default=None, help="dashboard URL http://HEAD:8265 (default: $RAY_ADDRESS)")
     parser.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
     parser.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
+    parser.add_argument("--no-credentials", action="store_true", help="send no secret variables (AWS keys, "
+                        "WANDB_API_KEY...): the nodes have their own (instance profile, workload identity)")
     args = parser.parse_intermixed_args(list(argv))
     path = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
     try:
         return submit(args.stage, path, args.args[1:] if path else args.args, address=args.address,
-                      wait=not args.no_wait, pip=args.pip)
+                      wait=not args.no_wait, pip=args.pip, credentials=not args.no_credentials)
     except (ConfigError, SubmitError) as e:
         log.error("nextscale submit %s: %s", args.stage, e)
         return 2
