@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
-from nextscale import storage
+from nextscale.codes import write_synthetic_shards
 from nextscale.tokenize.encode import load_job_tokenizer
-from nextscale.tokenize.shards import MANIFEST, write_synthetic_shards
 
 
 def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, seed: int,
@@ -19,8 +16,5 @@ def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, s
     vq = vqvae.cfg
     write_synthetic_shards(out, num_samples=num_samples, num_tokens=vq.num_tokens, vocab_size=vq.vocab_size,
                            views=views, samples_per_shard=samples_per_shard, num_classes=num_classes, seed=seed,
-                           patch_nums=vq.patch_nums, image_size=vq.image_size)
-    manifest = json.loads(storage.read_text(storage.join(out, MANIFEST)))
-    manifest["tokenizer"] = ident
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                           patch_nums=vq.patch_nums, image_size=vq.image_size, tokenizer=ident)
     return out

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
-import types
 
 import numpy as np
 import pytest
 
 from nextscale import storage
-from nextscale.prior.data import CodeLoader, ManifestMismatch, check_manifest, read_manifest
-from nextscale.tokenize import shards as sh
+from nextscale.codes import Manifest, ShardInfo, build_shard, sha256, shard_name
+from nextscale.prior.data import CodeLoader
 
 K, L = 3, 6
 
@@ -26,14 +24,14 @@ def _write(root, sizes: list[int]) -> int:
             codes[:, 0], codes[:, 1] = i, np.arange(K)
             samples.append((f"k{i:05d}", codes, i % 7))
             i += 1
-        data = sh.build_shard(samples)
-        storage.write_bytes(storage.join(str(root), sh.shard_name(si)), data)
-        shards.append(sh.ShardInfo(name=sh.shard_name(si), num_samples=n, sha256=sh.sha256(data)))
-    m = sh.Manifest(tokenizer={"sha256": "abc", "config": {"z_channels": 8}}, patch_nums=[1, 2], vocab_size=64,
-                    num_tokens=L, image_size=64, views=K, augmentation={}, precision="fp32", samples_per_shard=0,
-                    shards=shards, classes=[str(c) for c in range(7)], num_listed=i, num_samples=i, num_rejected=0,
-                    rejected=[], input={"url": "x", "format": "imagefolder"})
-    storage.write_text(storage.join(str(root), sh.MANIFEST), m.to_json())
+        data = build_shard(samples)
+        storage.write_bytes(storage.join(str(root), shard_name(si)), data)
+        shards.append(ShardInfo(name=shard_name(si), num_samples=n, sha256=sha256(data)))
+    m = Manifest(tokenizer={"sha256": "abc", "config": {"z_channels": 8}}, patch_nums=[1, 2], vocab_size=64,
+                 num_tokens=L, image_size=64, views=K, augmentation={}, precision="fp32", samples_per_shard=0,
+                 shards=shards, classes=[str(c) for c in range(7)], num_listed=i, num_samples=i, num_rejected=0,
+                 rejected=[], input={"url": "x", "format": "imagefolder"})
+    m.write(str(root))
     return i
 
 
@@ -105,28 +103,8 @@ def test_equal_batches_keep_ranks_in_step(tmp_path):
     assert [len(c) for c, _ in dropped] == [8] * (91 // 8)
 
 
-def test_manifest_mismatch_is_a_clear_error(tmp_path):
-    from nextscale.tokenize.vqvae import VQVAE_PRESETS
-
-    cfg = VQVAE_PRESETS["golden_tiny"]
-    _write(tmp_path, [5])
-    manifest = read_manifest(str(tmp_path))
-    manifest.update(vocab_size=cfg.vocab_size, patch_nums=list(cfg.patch_nums), image_size=cfg.image_size,
-                    num_tokens=cfg.num_tokens)
-    check_manifest(manifest, cfg, tokenizer_sha256="abc")
-    with pytest.raises(ManifestMismatch, match="vocab_size=64 but the tokenizer has vocab_size=512"):
-        check_manifest(manifest, dataclasses.replace(cfg, vocab_size=512))
-    with pytest.raises(ManifestMismatch, match="patch_nums"):
-        check_manifest(manifest, types.SimpleNamespace(vocab_size=64, patch_nums=(1, 2, 3, 5), image_size=64,
-                                                       num_tokens=cfg.num_tokens, z_channels=8))
-    with pytest.raises(ManifestMismatch, match="sha256"):
-        check_manifest(manifest, cfg, tokenizer_sha256="def")
-    with pytest.raises(FileNotFoundError, match="nextscale tokenize"):
-        read_manifest(str(tmp_path / "nowhere"))
-
-
 def test_damaged_shard_is_reported(tmp_path):
     _write(tmp_path, [20, 20])
-    storage.write_bytes(str(tmp_path / sh.shard_name(1)), sh.build_shard([("x", np.zeros((K, L), np.uint16), 0)]))
+    storage.write_bytes(str(tmp_path / shard_name(1)), build_shard([("x", np.zeros((K, L), np.uint16), 0)]))
     with pytest.raises(ValueError, match="codes-000001.tar holds 1 samples but the manifest says 20"):
         list(CodeLoader(str(tmp_path), batch_size=8))

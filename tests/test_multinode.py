@@ -132,9 +132,9 @@ def scenario(bucket: str, workdir: str) -> dict:
         watcher.join(timeout=60)
 
         def listing(url: str) -> dict[str, str]:
-            from nextscale.tokenize import shards as sh
+            from nextscale.codes import sha256
 
-            return {n: sh.sha256(storage.read_bytes(storage.join(url, n)))
+            return {n: sha256(storage.read_bytes(storage.join(url, n)))
                     for n in storage.listdir(url) if n.endswith((".tar", ".parquet"))}
 
         return {

@@ -199,8 +199,8 @@ def bench_sample(cfg: BenchConfig, s: Setup) -> list[dict]:
 
 
 def bench_loader(cfg: BenchConfig, s: Setup, consumption_img_per_s: float | None) -> list[dict]:
+    from nextscale.codes import write_synthetic_shards
     from nextscale.prior.data import CodeLoader
-    from nextscale.tokenize.shards import write_synthetic_shards
 
     vqvae_cfg = build_vqvae(s.tokenizer).cfg if s.tokenizer != "vae_ch160v4096z32" else None
     L = vqvae_cfg.num_tokens if vqvae_cfg else 680

@@ -29,11 +29,10 @@ from collections.abc import Iterator
 import numpy as np
 import ray
 
-from nextscale import storage
+from nextscale import codes, storage
 from nextscale.config import RayConfig, dump_yaml
 from nextscale.pipelines.common import init_ray
 from nextscale.tokenize import inputs
-from nextscale.tokenize import shards as sh
 from nextscale.tokenize.job_config import TokenizeConfig
 from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_views
 
@@ -140,7 +139,7 @@ def list_imagefolder(root: str, class_list: list[str] | None) -> tuple[list[dict
     for rel in rel_paths:
         source = storage.join(root, rel) if proto != "file" else os.path.join(path, rel)
         stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-        key = inputs.unique_key(sh.sanitize_key(stem), seen)
+        key = inputs.unique_key(codes.sanitize_key(stem), seen)
         folder = rel.split("/")[0] if "/" in rel else ""
         label, reason = index.get(folder, -1), ""
         if not folder:
@@ -165,7 +164,7 @@ class ShardTask:
 
     @property
     def name(self) -> str:
-        return sh.shard_name(self.index)
+        return codes.shard_name(self.index)
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
@@ -289,15 +288,15 @@ class ShardChunkEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.time()
-        codes = []
+        blobs = []
         for blob, n in zip(batch["views"], batch["n_ok"]):
             s = self.image_size
             v = np.frombuffer(blob, dtype=np.uint8).reshape(int(n), self.views, s, s, 3)
-            codes.append(self.encoder({"views": v})["codes"].tobytes())
+            blobs.append(self.encoder({"views": v})["codes"].tobytes())
         out = {k: v for k, v in batch.items() if k != "views"}
-        out["codes"] = np.array(codes, dtype=object)
+        out["codes"] = np.array(blobs, dtype=object)
         # encoder busy intervals (wall clock): the driver measures how well decoding keeps the encoder fed
-        out["t0"], out["t1"] = np.full(len(codes), t0), np.full(len(codes), time.time())
+        out["t0"], out["t1"] = np.full(len(blobs), t0), np.full(len(blobs), time.time())
         return out
 
 
@@ -310,63 +309,23 @@ def job_fingerprint(cfg: TokenizeConfig, tok_identity: dict, image_size: int) ->
     d = {"tokenizer_sha256": tok_identity["sha256"], "image_size": image_size, "views": cfg.views,
          "augmentation": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
          "precision": cfg.precision, "min_image_side": cfg.min_image_side, "batch_size": cfg.batch_size,
-         "samples_per_shard": cfg.samples_per_shard, "format": sh.FORMAT}
+         "samples_per_shard": cfg.samples_per_shard, "format": codes.FORMAT}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def finished_part(cfg: TokenizeConfig, task: ShardTask, fingerprint: str) -> dict | None:
-    """The record of a finished, verified shard, or None if it must be (re)made."""
-    part_url = storage.join(cfg.output, sh.part_name(task.name))
-    if not storage.exists(part_url):
-        return None
-    part = json.loads(storage.read_text(part_url))
-    if part.get("fingerprint") != fingerprint:
-        raise InputError(
-            f"{cfg.output} already holds {task.name} from a different job (tokenizer, views, augmentation, seed, "
-            "precision or batch size differ); write to a new output or delete the old one")
-    if part.get("inputs") != task.digest():
-        log.info("%s: its inputs changed since it was written; redoing it", task.name)
-        return None
-    try:
-        data = storage.read_bytes(storage.join(cfg.output, task.name))
-    except FileNotFoundError:
-        return None
-    if sh.sha256(data) != part["sha256"]:
-        log.warning("%s does not match its recorded checksum; redoing it", task.name)
-        return None
-    return part
-
-
-def write_shard(cfg: TokenizeConfig, task_index: int, digest: str, fingerprint: str,
-                chunks: dict[int, tuple[list[dict], bytes]], views: int, num_tokens: int) -> dict:
-    """Assemble a shard from its chunks in item order; publish the tar, then its parts record."""
+def assemble_samples(shard: int, chunks: dict[int, tuple[list[dict], bytes]], views: int,
+                     num_tokens: int) -> tuple[list[tuple[str, np.ndarray, int]], list[dict]]:
+    """A shard's (samples, records) in item order from its encoded chunks."""
     records, samples = [], []
     for c in sorted(chunks):
         recs, codes_blob = chunks[c]
-        codes = np.frombuffer(codes_blob, dtype=np.uint16).reshape(-1, views, num_tokens)
+        codes_NKL = np.frombuffer(codes_blob, dtype=np.uint16).reshape(-1, views, num_tokens)
         ok = [r for r in recs if r["status"] == "accepted"]
-        if len(ok) != len(codes):
-            raise RuntimeError(f"chunk {c} of shard {task_index}: {len(ok)} accepted items but {len(codes)} codes")
-        samples += [(r["key"], codes[i], r["label"]) for i, r in enumerate(ok)]
+        if len(ok) != len(codes_NKL):
+            raise RuntimeError(f"chunk {c} of shard {shard}: {len(ok)} accepted items but {len(codes_NKL)} codes")
+        samples += [(r["key"], codes_NKL[i], r["label"]) for i, r in enumerate(ok)]
         records += recs
-    name = sh.shard_name(task_index)
-    data = sh.build_shard(samples)
-    storage.write_bytes(storage.join(cfg.output, name), data)
-    part = {"shard": name, "fingerprint": fingerprint, "inputs": digest, "sha256": sh.sha256(data),
-            "num_samples": len(samples), "records": records}
-    storage.write_text(storage.join(cfg.output, sh.part_name(name)), json.dumps(part, sort_keys=True) + "\n")
-    return part
-
-
-def _clean_output(out: str) -> None:
-    """Before making shards: drop a manifest of an earlier run (the output is incomplete until the new one is
-    written) and temporary files a killed local write left behind."""
-    storage.remove(storage.join(out, sh.MANIFEST))
-    if not storage.is_remote(out):
-        for folder in (out, storage.join(out, sh.PARTS)):
-            for name in storage.listdir(folder):
-                if ".tmp-" in name:
-                    storage.remove(storage.join(folder, name))
+    return samples, records
 
 
 def _use_gpu(cfg: TokenizeConfig) -> bool:
@@ -394,12 +353,12 @@ def run(cfg: TokenizeConfig) -> dict:
 
     parts: dict[int, dict] = {}
     for task in tasks:
-        part = finished_part(cfg, task, fingerprint)
+        part = codes.finished_part(cfg.output, task.index, fingerprint=fingerprint, inputs=task.digest())
         if part is not None:
             parts[task.index] = part
     todo = [t for t in tasks if t.index not in parts]
     if todo:
-        _clean_output(cfg.output)
+        codes.discard_incomplete(cfg.output)
     log.info("tokenize: %d shards planned from %s (%s), %d already done, %d to make -> %s",
              len(tasks), cfg.input, fmt, len(parts), len(todo), cfg.output)
 
@@ -413,9 +372,9 @@ def run(cfg: TokenizeConfig) -> dict:
     job_s = time.perf_counter() - t_job
 
     manifest, rows = _collect(cfg, tasks, parts, classes, fmt, tok, vq)
-    storage.write_bytes(storage.join(cfg.output, sh.INDEX), sh.index_bytes(rows))
+    storage.write_bytes(storage.join(cfg.output, codes.INDEX), codes.index_bytes(rows))
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
-    storage.write_text(storage.join(cfg.output, sh.MANIFEST), manifest.to_json())  # last: the dataset is complete
+    manifest.write(cfg.output)  # last: the dataset is complete
 
     damaged = [{"source": r["source"], "reason": r["reason"]} for t in tasks for r in parts[t.index]["records"]
                if r.get("input_error")]
@@ -423,7 +382,7 @@ def run(cfg: TokenizeConfig) -> dict:
         log.warning("damaged input: %s", d["reason"])
     total_s = time.perf_counter() - t0
     rate = made_images / job_s if made_images and job_s > 0 else 0.0
-    summary = {"output": cfg.output, "manifest": storage.join(cfg.output, sh.MANIFEST), "shards": len(tasks),
+    summary = {"output": cfg.output, "manifest": storage.join(cfg.output, codes.MANIFEST), "shards": len(tasks),
                "shards_made": len(todo), "shards_skipped": len(tasks) - len(todo), "listed": manifest.num_listed,
                "accepted": manifest.num_samples, "rejected": manifest.num_rejected, "classes": manifest.num_classes,
                "views": views, "num_tokens": L, "images_processed": made_images, "img_per_s": round(rate, 2),
@@ -481,7 +440,8 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
         if nc:
             expected[s] = nc
         if len(pending[s]) == expected.get(s):
-            part = write_shard(cfg, s, digests[s], fingerprint, pending.pop(s), cfg.views, L)
+            samples, records = assemble_samples(s, pending.pop(s), cfg.views, L)
+            part = codes.publish_shard(cfg.output, s, samples, records, fingerprint=fingerprint, inputs=digests[s])
             parts[s] = part
             images += len(part["records"])
             log.info("wrote %s: %d samples, %d rejected", part["shard"], part["num_samples"],
@@ -492,30 +452,21 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint:
 
 
 def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict], classes: list[str], fmt: str,
-             tok: dict, vq) -> tuple[sh.Manifest, list[dict]]:
-    rows, rejected, infos = [], [], []
-    for t in tasks:
-        part = parts[t.index]
-        for r in part["records"]:
-            rows.append({"key": r["key"], "label": int(r["label"]), "source": r["source"],
-                         "shard": part["shard"] if r["status"] == "accepted" else "",
-                         "status": r["status"], "reason": r["reason"]})
-            if r["status"] != "accepted":
-                rejected.append({"key": r["key"], "source": r["source"], "reason": r["reason"]})
-        infos.append(sh.ShardInfo(name=part["shard"], num_samples=part["num_samples"], sha256=part["sha256"],
-                                  num_rejected=len(part["records"]) - part["num_samples"]))
+             tok: dict, vq) -> tuple[codes.Manifest, list[dict]]:
+    infos, rows = codes.collect_parts([parts[t.index] for t in tasks])
+    rejected = [{"key": r["key"], "source": r["source"], "reason": r["reason"]} for r in rows
+                if r["status"] != "accepted"]
     if fmt == "webdataset" and not classes:
         top = max((r["label"] for r in rows if r["status"] == "accepted"), default=-1)
         classes = [str(i) for i in range(top + 1)]
-    accepted = sum(i.num_samples for i in infos)
-    manifest = sh.Manifest(
+    manifest = codes.Manifest(
         tokenizer=tok, patch_nums=list(vq.patch_nums), vocab_size=vq.vocab_size, num_tokens=vq.num_tokens,
         image_size=vq.image_size, views=cfg.views,
         augmentation={"name": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
                       "interpolation": "lanczos", "flip": False},
         precision=cfg.precision, samples_per_shard=cfg.samples_per_shard, shards=infos, classes=list(classes),
-        num_listed=len(rows), num_samples=accepted, num_rejected=len(rejected), rejected=rejected,
-        input={"url": cfg.input, "format": fmt},
+        num_listed=len(rows), num_samples=sum(i.num_samples for i in infos), num_rejected=len(rejected),
+        rejected=rejected, input={"url": cfg.input, "format": fmt},
     )
     return manifest, rows
 

@@ -13,8 +13,6 @@ world_size, num_workers, batch_size) and :meth:`CodeLoader.state_dict` / ``load_
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -24,86 +22,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextscale import storage
-from nextscale.tokenize.shards import decode_codes
+from nextscale.codes import Manifest, ShardInfo, iter_shard
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CHUNK = 64  # samples per reader->rank hand-over; also the granularity of the round-robin interleave
-
-
-class ManifestMismatch(ValueError):
-    """Codes were made by another tokenizer than the one training uses; the message names the field and fix."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Manifest
-
-
-def read_manifest(url: str) -> dict:
-    """``{url}/manifest.json`` as a dict; a clear error when the tokenize job has not finished."""
-    try:
-        return json.loads(storage.read_text(storage.join(url, MANIFEST)))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no {MANIFEST} under {url!r}: the codes are incomplete or the URL is wrong; run (or re-run) "
-            "`nextscale tokenize` with this output (it resumes and writes the manifest last)") from None
-
-
-def check_manifest(manifest: dict, vqvae_cfg: Any, tokenizer_sha256: str | None = None) -> None:
-    """Raise :class:`ManifestMismatch` unless the codes fit ``vqvae_cfg`` (and the tokenizer file, if given)."""
-    where = manifest.get("input", {}).get("url", "these codes")
-    expected = {"vocab_size": vqvae_cfg.vocab_size, "patch_nums": list(vqvae_cfg.patch_nums),
-                "image_size": vqvae_cfg.image_size, "num_tokens": vqvae_cfg.num_tokens}
-    for key, want in expected.items():
-        got = manifest.get(key)
-        if got is not None and got != want:
-            raise ManifestMismatch(
-                f"the codes of {where} were made with {key}={got} but the tokenizer has {key}={want}: train with the "
-                "tokenizer recorded in the manifest (data.tokenizer_url empty) or re-run `nextscale tokenize` with "
-                "this tokenizer into a new output")
-    recorded = (manifest.get("tokenizer") or {}).get("config") or {}
-    if recorded.get("z_channels") not in (None, vqvae_cfg.z_channels):
-        raise ManifestMismatch(f"the codes of {where} come from a tokenizer with z_channels={recorded['z_channels']}, "
-                               f"this one has {vqvae_cfg.z_channels}; use the tokenizer recorded in the manifest")
-    sha = (manifest.get("tokenizer") or {}).get("sha256")
-    if tokenizer_sha256 and sha and sha != tokenizer_sha256:
-        raise ManifestMismatch(f"the codes of {where} were made by tokenizer sha256 {sha[:12]}…, not by this one "
-                               f"({tokenizer_sha256[:12]}…): same shapes, different codebook; use the recorded "
-                               "tokenizer or re-tokenize")
-    if manifest.get("dtype", "uint16") != "uint16":
-        raise ManifestMismatch(f"codes dtype {manifest.get('dtype')!r} is not uint16; re-run `nextscale tokenize`")
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading shards
-
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> Any:
-    fs, path = storage.filesystem(url)
-    return fs.open(path, "rb")
-
-
-def register_remote_gopen() -> None:
-    """Let webdataset open ``s3://``/``gs://`` through nextscale.storage (it has no handler of its own).
-
-    Registers in webdataset's scheme table, its extension point; called by the loader, not at import.
-    """
-    gopen = importlib.import_module("webdataset.gopen")
-    for scheme in ("s3", "gs", "gcs"):
-        gopen.gopen_schemes[scheme] = _fsspec_gopen
-
-
-def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(key, codes uint16 (K, L), label) of one shard, in stored order, streamed with webdataset."""
-    from webdataset.tariterators import tarfile_samples
-
-    register_remote_gopen()
-    if not storage.is_remote(url):
-        url = storage.filesystem(url)[1]  # absolute: relative paths mean the driver's cwd (see nextscale.storage)
-    for sample in tarfile_samples([{"url": url}]):
-        codes = decode_codes(sample["codes.npy"])
-        yield sample["__key__"], codes, int(sample["cls"])
 
 
 def view_index(seed: int, epoch: int, key: str, views: int) -> int:
@@ -120,15 +43,15 @@ def view_index(seed: int, epoch: int, key: str, views: int) -> int:
 class EpochPlan:
     """Which samples each of the R readers streams in one epoch, and how many."""
 
-    def __init__(self, shards: list[dict], *, seed: int, epoch: int, num_readers: int):
-        shards = [s for s in shards if s["num_samples"] > 0]
+    def __init__(self, shards: list[ShardInfo], *, seed: int, epoch: int, num_readers: int):
+        shards = [s for s in shards if s.num_samples > 0]
         perm = np.random.default_rng((seed, epoch)).permutation(len(shards)) if shards else []
         self.order = [shards[i] for i in perm]
         self.R = num_readers
-        self.total = sum(s["num_samples"] for s in self.order)
+        self.total = sum(s.num_samples for s in self.order)
         self.by_shard = len(self.order) >= num_readers
         if self.by_shard:
-            self.counts = [sum(s["num_samples"] for s in self.order[r::num_readers]) for r in range(num_readers)]
+            self.counts = [sum(s.num_samples for s in self.order[r::num_readers]) for r in range(num_readers)]
         else:
             self.counts = [self.total // num_readers + (r < self.total % num_readers) for r in range(num_readers)]
 
@@ -146,14 +69,14 @@ class EpochPlan:
                 g += 1
 
     @staticmethod
-    def _checked(root: str, shard: dict) -> Iterator[tuple[str, np.ndarray, int]]:
+    def _checked(root: str, shard: ShardInfo) -> Iterator[tuple[str, np.ndarray, int]]:
         n = 0
-        for sample in iter_shard(storage.join(root, shard["name"])):
+        for sample in iter_shard(storage.join(root, shard.name)):
             n += 1
             yield sample
-        if n != shard["num_samples"]:
-            raise ValueError(f"{storage.join(root, shard['name'])} holds {n} samples but the manifest says "
-                             f"{shard['num_samples']}: the shard was replaced or damaged; re-run `nextscale tokenize`")
+        if n != shard.num_samples:
+            raise ValueError(f"{storage.join(root, shard.name)} holds {n} samples but the manifest says "
+                             f"{shard.num_samples}: the shard was replaced or damaged; re-run `nextscale tokenize`")
 
 
 def chunk_sequence(counts: list[int], chunk: int) -> list[tuple[int, int, int]]:
@@ -247,15 +170,18 @@ class CodeLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.url, self.batch_size, self.rank, self.world_size = url, batch_size, rank, world_size
-        self.num_workers, self.seed, self.shuffle_buffer, self.epoch = num_workers, seed, shuffle_buffer, epoch
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.drop_last, self.equal_batches = drop_last, equal_batches
-        self.manifest = read_manifest(url)
-        self.views = int(self.manifest.get("views", 1))
+        self.manifest = Manifest.read(url)
+        self.views = self.manifest.views
         self.readers_per_rank = max(1, num_workers)
-        self.plan = EpochPlan(self.manifest["shards"], seed=seed, epoch=epoch,
-                              num_readers=world_size * self.readers_per_rank)
-        W = self.readers_per_rank
-        self.counts = self.plan.counts[rank * W:(rank + 1) * W]
+        self._plan_epoch(epoch)
+
+    def _plan_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning: its plan and this rank's share of it."""
+        self.epoch, W = epoch, self.readers_per_rank
+        self.plan = EpochPlan(self.manifest.shards, seed=self.seed, epoch=epoch, num_readers=self.world_size * W)
+        self.counts = self.plan.counts[self.rank * W:(self.rank + 1) * W]
         self.num_samples = sum(self.counts)
         self._consumed = 0
 
@@ -277,9 +203,7 @@ class CodeLoader:
                 raise ValueError(f"loader state has {key}={d[key]} but this loader has {getattr(self, key)}; resume "
                                  "with the same data settings and number of workers")
         if d["epoch"] != self.epoch:
-            self.__init__(self.url, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
-                          num_workers=self.num_workers, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                          epoch=d["epoch"], drop_last=self.drop_last, equal_batches=self.equal_batches)
+            self._plan_epoch(d["epoch"])
         self._consumed = int(d["samples"])
 
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -27,6 +27,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from nextscale import checkpoint, storage
+from nextscale.codes import Manifest
 from nextscale.config import dump_yaml, to_dict
 from nextscale.logs import WandbRun
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
@@ -63,7 +64,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
 # Pieces
 
 
-def load_quantizer(cfg: PriorTrainConfig, manifest: dict,
+def load_quantizer(cfg: PriorTrainConfig, manifest: Manifest,
                    device: torch.device) -> tuple[MultiScaleQuantizer, VQVAEConfig, dict]:
     """(frozen quantizer, tokenizer config, tokenizer identity as the manifest records it) for the codes.
 
@@ -73,7 +74,7 @@ def load_quantizer(cfg: PriorTrainConfig, manifest: dict,
     """
     from nextscale.tokenize.encode import load_job_tokenizer, weights_sha256
 
-    tok = manifest.get("tokenizer") or {}
+    tok = manifest.tokenizer
     if cfg.data.tokenizer_url:
         vqvae, ident = load_job_tokenizer(cfg.data.tokenizer_url, preset=cfg.data.tokenizer_preset)
         source = cfg.data.tokenizer_url
@@ -96,7 +97,7 @@ def load_quantizer(cfg: PriorTrainConfig, manifest: dict,
     return quantizer, vqvae.cfg, {**ident, "source": source}
 
 
-def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: dict) -> VARConfig:
+def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: Manifest) -> VARConfig:
     """The preset + overrides, with vocabulary, latent channels and scales taken from the tokenizer."""
     from_tok = {"vocab_size": vq_cfg.vocab_size, "latent_channels": vq_cfg.z_channels,
                 "patch_nums": tuple(vq_cfg.patch_nums)}
@@ -105,21 +106,11 @@ def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: dic
             raise ValueError(f"model.overrides.{key}={cfg.model.overrides[key]} disagrees with the tokenizer's "
                              f"{from_tok[key]}; drop the override (it is taken from the tokenizer)")
     var_cfg = cfg.model.var_config(**from_tok)
-    classes = manifest.get("num_classes") or len(manifest.get("classes") or [])
+    classes = manifest.num_classes
     if classes and classes > var_cfg.num_classes:
         raise ValueError(f"the codes hold {classes} classes but the model has num_classes={var_cfg.num_classes}; "
                          f"set model.overrides.num_classes={classes}")
     return var_cfg
-
-
-def num_samples(manifest: dict) -> int:
-    for key in ("num_samples", "num_accepted", "samples"):
-        if isinstance(manifest.get(key), int):
-            return manifest[key]
-    per_shard = manifest.get("samples_per_shard") or manifest.get("shards")
-    if isinstance(per_shard, list):
-        return sum(s if isinstance(s, int) else int(s.get("num_samples", 0)) for s in per_shard)
-    raise ValueError("the manifest has no sample count; set steps instead of epochs")
 
 
 class Batches:
@@ -192,8 +183,6 @@ def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: to
 
 def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     """Train (or resume) the prior described by ``cfg``; returns a JSON-able summary (rank 0's is complete)."""
-    from nextscale.prior.data import check_manifest, read_manifest
-
     t_start = time.time()
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     if device.type == "cuda":
@@ -202,23 +191,19 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
 
-    manifest = read_manifest(cfg.data.url)
+    manifest = Manifest.read(cfg.data.url)
     quantizer, vq_cfg, tokenizer = load_quantizer(cfg, manifest, device)
-    check_manifest(manifest, vq_cfg)
+    manifest.check(vq_cfg)
     var_cfg = resolve_var_config(cfg, vq_cfg, manifest)
     patch_nums = tuple(var_cfg.patch_nums)
 
     global_batch = cfg.data.batch_size
-    if cfg.steps:
-        total_steps = cfg.steps
-        steps_per_epoch = max(1, num_samples(manifest) // global_batch) if _has_count(manifest) else 0
-    else:
-        steps_per_epoch = max(1, num_samples(manifest) // global_batch)  # the loader drops partial batches
-        total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    steps_per_epoch = max(1, manifest.num_samples // global_batch)  # the loader drops partial batches
+    total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
     o = cfg.optim
     if o.warmup_steps >= 0:
         warmup = o.warmup_steps
-    elif o.warmup_epochs >= 0 and steps_per_epoch:
+    elif o.warmup_epochs >= 0:
         warmup = round(o.warmup_epochs * steps_per_epoch)
     else:
         warmup = round(total_steps / 50)
@@ -292,7 +277,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
             dt = time.perf_counter() - t_window
             t_train += dt
             img_s = n_window * global_batch / max(dt, 1e-9)
-            metrics.update(step=step, epoch=(step / steps_per_epoch) if steps_per_epoch else batches.epoch,
+            metrics.update(step=step, epoch=step / steps_per_epoch,
                            lr=lr, wd=wd, grad_norm=float(grad_norm), scales=scales, img_per_s=img_s,
                            tokens_per_s=img_s * var_cfg.num_tokens,
                            mfu=flops * img_s / (peak * world) if peak else float("nan"))
@@ -312,14 +297,6 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops)
     wandb.finish()
     return summary
-
-
-def _has_count(manifest: dict) -> bool:
-    try:
-        num_samples(manifest)
-        return True
-    except ValueError:
-        return False
 
 
 def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, codes_BL: torch.Tensor,

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 
 from nextscale import storage
+from nextscale.codes import sanitize_key
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # what a damaged or truncated tar (or its gzip layer) raises while it is read as a stream; network and
@@ -38,8 +39,6 @@ def _wds_item(url: str, key: str, members: dict[str, bytes], num_classes: int,
               seen: dict[str, int]) -> tuple[dict, bytes]:
     """One webdataset sample -> (item, image bytes); a missing image or a missing/out-of-range label
     (``num_classes`` > 0: the class list's size) makes it rejected."""
-    from nextscale.tokenize.shards import sanitize_key
-
     ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     reason, label = "", -1
     try:
@@ -62,8 +61,6 @@ def tar_samples(url: str, num_classes: int = 0) -> Iterator[tuple[dict, bytes]]:
     ``input_error=True`` whose reason names the tar and what happened; a sample whose member was cut is
     rejected as incomplete. Errors reaching the storage itself (missing file, network, permissions) propagate.
     """
-    from nextscale.tokenize.shards import sanitize_key
-
     seen: dict[str, int] = {}
     key, members = None, {}
     damage, cut_member = "", False
