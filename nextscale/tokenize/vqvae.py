@@ -471,6 +471,9 @@ class VQVAE(nn.Module):
 VQVAE_PRESETS: dict[str, VQVAEConfig] = {
     # the checkpoint used by every official VAR model (256 px, 10 scales, L=680)
     "vae_ch160v4096z32": VQVAEConfig(),
+    # the same checkpoint at 512 px (the official VAR-d36 pairing, `--pn=512`): a 32x32 latent cut into 10 scales,
+    # L=2240; the weights do not depend on the image size (convolutions, 10 scales like the 256-px layout)
+    "vae_ch160v4096z32_512": VQVAEConfig(patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32), image_size=512),
     # tests/golden: the official constructor with tiny sizes (64 px, latent 4x4, L=30)
     "golden_tiny": VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), image_size=64),
     # the built-in demo dataset at 32 px: /4 downsampling to an 8x8 latent, 6 scales, L=130. Tuned on a 2-core

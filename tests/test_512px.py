@@ -1,0 +1,31 @@
+"""512 px: the official VAR-d36 pairs with the vae_ch160v4096z32 checkpoint built as preset vae_ch160v4096z32_512
+(patch_nums 1…32, L = 2240). Shapes are checked on the meta device (no memory, no weights)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from golden_rule import GOLDEN
+
+from nextscale.prior.model import build_var
+from nextscale.tokenize.convert import check_state_dict
+from nextscale.tokenize.scales import split_codes
+from nextscale.tokenize.vqvae import build_vqvae
+
+
+def test_the_512px_tokenizer_loads_the_official_checkpoint_and_pairs_with_d36():
+    table = json.loads((GOLDEN / "official_keys_vae_ch160v4096z32.json").read_text())
+    with torch.device("meta"):
+        vae = build_vqvae("vae_ch160v4096z32_512")
+        var = build_var("d36")
+        sd = {k: torch.empty(shape) for k, shape in table.items()}
+        vae.load_state_dict(check_state_dict(sd, vae, "vae_ch160v4096z32_512"), strict=True)
+        codes_BL = vae.encode(torch.empty(2, 3, 512, 512))
+        img_B3HW = vae.decode(codes_BL)
+        x_BlCv = vae.quantize.teacher_forcing_input(split_codes(codes_BL, vae.cfg.patch_nums))
+    assert vae.cfg.patch_nums == var.patch_nums == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    assert (vae.cfg.num_tokens, vae.cfg.vocab_size, vae.cfg.z_channels) == (var.L, var.V, var.Cv) == (2240, 4096, 32)
+    assert codes_BL.shape == (2, 2240) and img_B3HW.shape == (2, 3, 512, 512)
+    # the prior's teacher-forcing input: every scale but the last, upsampled to the next one
+    assert x_BlCv.shape == (2, 2240 - 1, 32) and var.attn_bias_for_masking.shape[-1] == 2240
