@@ -201,8 +201,8 @@ def test_fid_config_defaults_are_the_paper_protocol_and_checks_name_the_key():
 def test_shipped_eval_configs_load(name, cls):
     cfg = load_config(cls, str(REPO / "configs" / name))
     if name == "fid_imagenet256.yaml":
-        assert (cfg.num_samples, cfg.cfg, cfg.top_k, cfg.top_p, cfg.reference.npz) == (
-            50_000, 1.5, 900, 0.96, "VIRTUAL_imagenet256_labeled.npz")
+        assert (cfg.num_samples, cfg.cfg, cfg.top_k, cfg.top_p) == (50_000, 1.5, 900, 0.96)
+        assert cfg.reference.npz.endswith("/VIRTUAL_imagenet256_labeled.npz")
 
 
 # ------------------------------------------------------------------------------------------------
