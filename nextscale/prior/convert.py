@@ -1,11 +1,12 @@
-"""Official VAR checkpoints (``var_d16.pth`` ... ``var_d30.pth``) -> nextscale, with strict key and shape checks.
+"""Official VAR and M-VAR checkpoints (``var_d16.pth`` ..., M-VAR's) -> nextscale, with strict key and shape checks.
 
 nextscale's VAR uses the official state-dict names, so conversion is a check, not a rename: every key
 the model expects must be present with the expected shape, and nothing may be left over. A wrong file
 gets an error naming the offending key and, where it can be told, the preset the file looks like.
 The model is built on the meta device and the checkpoint tensors are assigned to it, so loading costs
 no memory beyond the checkpoint itself. The derived buffers (``lvl_1L``, ``attn_bias_for_masking``,
-``zero_k_bias``) must be present (the official files have them) but are recomputed from the config.
+``zero_k_bias``, M-VAR's ``attn.patch_nums``) must be present (the official files have them) but are
+recomputed from the config. An M-VAR file given to a VAR preset (or the reverse) is named as such.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from nextscale import storage
 from nextscale.config import from_dict
-from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, block_causal_bias, build_var, level_index
+from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, build_var, level_index
 from nextscale.tokenize import convert as tokenizer_convert
 from nextscale.tokenize.convert import CheckpointMismatch
 
@@ -55,15 +56,26 @@ def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
         return ""
     depth, width = max(blocks) + 1, state_dict["pos_start"].shape[-1]
     shared = any(k.startswith("shared_ada_lin.") for k in state_dict)
-    for name, cfg in VAR_PRESETS.items():
-        if (cfg.depth, cfg.width, cfg.shared_aln) == (depth, width, shared):
-            return f"this looks like var_{name} (depth {depth}, width {width}), use preset {name}"
-    return f"this looks like a VAR of depth {depth} and width {width}; build a VARConfig with those sizes"
+    arch = "mvar" if any(".mamba." in k for k in state_dict) else "var"
+    l2 = any(k.endswith("attn.scale_mul_1H11") for k in state_dict)
+    family = _FAMILY[arch]
+    matches = [name for name, cfg in VAR_PRESETS.items()
+               if (cfg.arch, cfg.depth, cfg.width, cfg.shared_aln) == (arch, depth, width, shared)]
+    if matches:
+        name = matches[0]
+        l2_note = "" if VAR_PRESETS[name].attn_l2_norm == l2 else f" with model.overrides.attn_l2_norm={str(l2).lower()}"
+        return (f"this looks like {family} {name if arch == 'mvar' else 'var_' + name} (depth {depth}, width "
+                f"{width}), use preset {name}{l2_note}")
+    return (f"this looks like {family} of depth {depth} and width {width}; build a VARConfig with arch={arch} "
+            "and those sizes")
+
+
+_FAMILY = {"var": "a VAR", "mvar": "an M-VAR"}
 
 
 def check_state_dict(state_dict: Mapping[str, Tensor], model: VAR, preset: str = "") -> None:
     """Raise CheckpointMismatch naming the first missing, unexpected or mis-shaped key."""
-    what = f"preset {preset}" if preset else "this VARConfig"
+    what = f"{_FAMILY[model.cfg.arch]} ({f'preset {preset}' if preset else 'this VARConfig'})"
     expected = model.state_dict(keep_vars=True)
     hint = _looks_like(state_dict)
     hint = f": {hint}" if hint else ""
@@ -110,9 +122,11 @@ def _derived_buffer(model: VAR, name: str, device: torch.device) -> Tensor:
     if name == "lvl_1L":
         return level_index(model.patch_nums, device).view(1, L)
     if name == "attn_bias_for_masking":
-        return block_causal_bias(model.patch_nums, device).contiguous()
+        return model.mask_bias(model.patch_nums, device).contiguous()
     if name.endswith("zero_k_bias"):
         return torch.zeros(model.C, device=device)
+    if name.endswith("attn.patch_nums"):
+        return torch.tensor([pn * pn for pn in model.patch_nums], dtype=torch.int32, device=device)
     raise AssertionError(f"unknown buffer {name}")
 
 
