@@ -126,24 +126,69 @@ def build_shard(samples: Iterable[tuple[str, np.ndarray, int]]) -> bytes:
     return buf.getvalue()
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray, int]]:
+class _HashingStream:
+    """A shard's byte stream on its way to the tar reader: hashed as it passes (no second read)."""
+
+    def __init__(self, stream: Any, hashed: bool):
+        self.stream, self.hash = stream, hashlib.sha256() if hashed else None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if self.hash is not None:
+            self.hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """sha256 of the whole stream: what the tar reader left unread (end-of-archive padding) is read first."""
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+def iter_shard(url: str, *, num_samples: int | None = None, sha256: str | None = None,
+               vocab_size: int | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
     """(key, codes uint16 (K, L), label) of one shard, in stored order, streamed with webdataset's tar reader.
 
     The stream is opened through :mod:`nextscale.storage` (local paths relative to the driver's cwd,
-    ``s3://``, ``gs://``), so webdataset needs no URL handler of its own.
+    ``s3://``, ``gs://``). Given the manifest's ``num_samples``, ``sha256`` and ``vocab_size``, the shard is
+    verified as it streams: codes out of range fail at their sample, a wrong count or checksum once the
+    stream has ended (after the last sample). Every failure is a :class:`CodesError` naming the shard.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    n = 0
     try:
-        with storage.open_read(url) as stream:
+        with storage.open_read(url) as raw:
+            stream = _HashingStream(raw, hashed=sha256 is not None)
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                yield sample["__key__"], decode_codes(sample[CODES_EXT]), int(sample[CLS_EXT])
+                key, codes_KL = sample["__key__"], decode_codes(sample[CODES_EXT])
+                if vocab_size is not None and codes_KL.size and int(codes_KL.max()) >= vocab_size:
+                    raise CodesError(f"{url}: sample {key!r} holds code {int(codes_KL.max())}, outside the "
+                                     f"vocabulary of {vocab_size} (damaged or from another tokenizer); {RETOKENIZE}")
+                n += 1
+                yield key, codes_KL, int(sample[CLS_EXT])
+            got = stream.hexdigest() if sha256 is not None else None
     except FileNotFoundError:
         raise CodesError(f"shard {url} is missing; {RETOKENIZE}") from None
+    except CodesError:
+        raise
     except (tarfile.TarError, KeyError, ValueError, EOFError) as e:
         # webdataset appends its stream objects to the arguments; the first one is the message
         raise CodesError(f"{url} is not a valid code shard ({type(e).__name__}: {e.args[0] if e.args else e}); "
                          f"{RETOKENIZE}") from e
+    if num_samples is not None and n != num_samples:
+        raise CodesError(f"{url} holds {n} samples but the manifest says {num_samples}: the shard was replaced or "
+                         f"damaged; {RETOKENIZE}")
+    if got != sha256:
+        raise CodesError(f"{url} does not match its sha256 in the manifest ({got[:12]}… instead of {sha256[:12]}…): "
+                         f"the shard changed after it was written; {RETOKENIZE}")
+
+
+def read_shard(url: str, *, num_samples: int | None = None, sha256: str | None = None,
+               vocab_size: int | None = None) -> list[tuple[str, np.ndarray, int]]:
+    """Every sample of one shard, verified like :func:`iter_shard` before any is returned, so that a
+    damaged shard never hands out a sample (one shard of codes is a few MB)."""
+    return list(iter_shard(url, num_samples=num_samples, sha256=sha256, vocab_size=vocab_size))
 
 
 # ------------------------------------------------------------------------------------------------

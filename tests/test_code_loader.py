@@ -8,26 +8,26 @@ import numpy as np
 import pytest
 
 from nextscale import storage
-from nextscale.codes import Manifest, ShardInfo, build_shard, sha256, shard_name
+from nextscale.codes import CodesError, Manifest, ShardInfo, build_shard, sha256, shard_name
 from nextscale.prior.data import CodeLoader
 
-K, L = 3, 6
+K, L, V = 3, 6, 4096
 
 
-def _write(root, sizes: list[int]) -> int:
-    """Shards whose codes spell out the sample id: codes[v] = (id, v, ...); returns the sample count."""
+def _write(root, sizes: list[int], code: int = 0) -> int:
+    """Shards whose codes spell out the sample id: codes[v] = (id, v, code, ...); returns the sample count."""
     shards, i = [], 0
     for si, n in enumerate(sizes):
         samples = []
         for _ in range(n):
-            codes = np.zeros((K, L), np.uint16)
+            codes = np.full((K, L), code, np.uint16)
             codes[:, 0], codes[:, 1] = i, np.arange(K)
             samples.append((f"k{i:05d}", codes, i % 7))
             i += 1
         data = build_shard(samples)
         storage.write_bytes(storage.join(str(root), shard_name(si)), data)
         shards.append(ShardInfo(name=shard_name(si), num_samples=n, sha256=sha256(data)))
-    m = Manifest(tokenizer={"sha256": "abc", "config": {"z_channels": 8}}, patch_nums=[1, 2], vocab_size=64,
+    m = Manifest(tokenizer={"sha256": "abc", "config": {"z_channels": 8}}, patch_nums=[1, 2], vocab_size=V,
                  num_tokens=L, image_size=64, views=K, augmentation={}, precision="fp32", samples_per_shard=0,
                  shards=shards, classes=[str(c) for c in range(7)], num_listed=i, num_samples=i, num_rejected=0,
                  rejected=[], input={"url": "x", "format": "imagefolder"})
@@ -106,5 +106,28 @@ def test_equal_batches_keep_ranks_in_step(tmp_path):
 def test_damaged_shard_is_reported(tmp_path):
     _write(tmp_path, [20, 20])
     storage.write_bytes(str(tmp_path / shard_name(1)), build_shard([("x", np.zeros((K, L), np.uint16), 0)]))
-    with pytest.raises(ValueError, match="codes-000001.tar holds 1 samples but the manifest says 20"):
+    with pytest.raises(CodesError, match="codes-000001.tar holds 1 samples but the manifest says 20"):
+        list(CodeLoader(str(tmp_path), batch_size=8))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_changed_codes_are_caught_by_the_shard_checksum(tmp_path, workers):
+    _write(tmp_path, [20, 20, 20])
+    path = tmp_path / shard_name(1)
+    data = bytearray(path.read_bytes())
+    last = data.rindex(b"\x93NUMPY")  # the last sample's codes: same size, still valid codes
+    for view in range(K):
+        data[last + 128 + 2 * (view * L + 3)] ^= 1  # after the 128-byte npy header: token 3 of each view, 0 -> 1
+    path.write_bytes(bytes(data))
+    unverified = [c for c, _ in CodeLoader(str(tmp_path), batch_size=8, verify=False)]
+    assert sum(int((c[:, 3] == 1).sum()) for c in unverified) == 1  # without the check the change trains silently
+    with pytest.raises(CodesError, match=r"codes-000001.tar does not match its sha256 in the manifest.*"
+                                         r"re-run `nextscale tokenize`"):
+        list(CodeLoader(str(tmp_path), batch_size=8, num_workers=workers))
+
+
+def test_codes_outside_the_vocabulary_are_a_clear_error(tmp_path):
+    _write(tmp_path, [10, 10], code=V)  # the checksums match the bytes: only the range is off
+    with pytest.raises(CodesError, match=rf"codes-00000\d.tar: sample 'k000\d\d' holds code {V}, outside the "
+                                         rf"vocabulary of {V}.*nextscale tokenize"):
         list(CodeLoader(str(tmp_path), batch_size=8))

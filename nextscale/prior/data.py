@@ -1,10 +1,12 @@
 """The code loader: (codes (B, L) int64, labels (B,) int64) batches streamed from code shards.
 
 Shards (``codes-*.tar`` written by ``nextscale tokenize``, local or ``s3://``/``gs://``) are read with
-webdataset. Every epoch is an exact pass: the shard order is permuted by ``(seed, epoch)``, then split over
-the R = world_size x max(1, num_workers) readers — whole shards round-robin when there are at least R
-shards, else every reader streams all shards and keeps the samples whose epoch position is its own modulo R
-(no reader is ever empty-handed, so nothing hangs). Each reader shuffles through a seeded buffer and picks
+webdataset, one whole shard at a time, and checked against the manifest (sample count, sha256, codes <
+vocab_size) before any of its samples is used (``nextscale.codes.read_shard``). Every epoch is an exact
+pass: the shard order is permuted by ``(seed, epoch)``, then split over the R = world_size x
+max(1, num_workers) readers — whole shards round-robin when there are at least R shards, else every reader
+streams all shards and keeps the samples whose epoch position is its own modulo R (no reader is ever
+empty-handed, so nothing hangs). Each reader shuffles through a seeded buffer and picks
 one of the K views per sample from ``(seed, epoch, key)``. The rank interleaves its readers' fixed-size chunks
 in a fixed round-robin order, so the batch sequence is a pure function of (manifest, seed, epoch, rank,
 world_size, num_workers, batch_size) and :meth:`CodeLoader.state_dict` / ``load_state_dict`` resume it exactly.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextscale import storage
-from nextscale.codes import Manifest, ShardInfo, iter_shard
+from nextscale.codes import Manifest, ShardInfo, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +57,18 @@ class EpochPlan:
         else:
             self.counts = [self.total // num_readers + (r < self.total % num_readers) for r in range(num_readers)]
 
-    def samples(self, root: str, reader: int) -> Iterator[tuple[str, np.ndarray, int]]:
-        """This reader's samples in stream order (before shuffling); checks shard sizes against the manifest."""
+    def samples(self, read: Callable[[ShardInfo], list], reader: int) -> Iterator[tuple[str, np.ndarray, int]]:
+        """This reader's samples in stream order (before shuffling); ``read(shard)`` gives a shard's samples."""
         if self.by_shard:
             for s in self.order[reader::self.R]:
-                yield from self._checked(root, s)
+                yield from read(s)
             return
         g = 0
         for s in self.order:
-            for sample in self._checked(root, s):
+            for sample in read(s):
                 if g % self.R == reader:
                     yield sample
                 g += 1
-
-    @staticmethod
-    def _checked(root: str, shard: ShardInfo) -> Iterator[tuple[str, np.ndarray, int]]:
-        n = 0
-        for sample in iter_shard(storage.join(root, shard.name)):
-            n += 1
-            yield sample
-        if n != shard.num_samples:
-            raise ValueError(f"{storage.join(root, shard.name)} holds {n} samples but the manifest says "
-                             f"{shard.num_samples}: the shard was replaced or damaged; re-run `nextscale tokenize`")
 
 
 def chunk_sequence(counts: list[int], chunk: int) -> list[tuple[int, int, int]]:
@@ -114,12 +106,13 @@ class _Readers(IterableDataset):
         self.root, self.plan, self.skip = loader.url, loader.plan, skip
         self.seed, self.epoch, self.views = loader.seed, loader.epoch, loader.views
         self.buffer, self.rank, self.W = loader.shuffle_buffer, loader.rank, loader.readers_per_rank
+        self.verify, self.vocab_size = loader.verify, loader.manifest.vocab_size
 
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
         info = get_worker_info()
         w = info.id if info is not None else 0
         reader = self.rank * self.W + w
-        stream = self._shuffled(self.plan.samples(self.root, reader), reader)
+        stream = self._shuffled(self.plan.samples(self._read, reader), reader)
         pos, codes, labels = 0, [], []
         for key, codes_KL, label in stream:
             if pos >= self.skip[w]:
@@ -131,6 +124,11 @@ class _Readers(IterableDataset):
                 codes, labels = [], []
         if codes:
             yield w, (pos - 1) // CHUNK, np.stack(codes), np.asarray(labels, dtype=np.int64)
+
+    def _read(self, shard: ShardInfo) -> list[tuple[str, np.ndarray, int]]:
+        return read_shard(storage.join(self.root, shard.name), num_samples=shard.num_samples,
+                          sha256=shard.sha256 if self.verify else None,
+                          vocab_size=self.vocab_size if self.verify else None)
 
     def _shuffled(self, samples: Iterator, reader: int) -> Iterator:
         if self.buffer <= 1:
@@ -159,19 +157,21 @@ class CodeLoader:
     ``num_workers`` DataLoader processes read in parallel (0 = in this process). ``drop_last`` drops this rank's
     final partial batch; ``equal_batches`` gives every rank the same number of full batches (the smallest
     rank's; a few samples are then skipped) so DDP ranks stay in step. ``state_dict`` / ``load_state_dict``
-    resume mid-epoch exactly (same rank layout, workers and batch size).
+    resume mid-epoch exactly (same rank layout, workers and batch size). ``verify`` checks every shard against
+    the manifest (sha256 while it streams, codes < vocab_size) before its samples are used; a shard that
+    fails is a :class:`nextscale.codes.CodesError` naming it.
     """
 
     def __init__(self, url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 2048, epoch: int = 0, drop_last: bool = False,
-                 equal_batches: bool = False):
+                 equal_batches: bool = False, verify: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.url, self.batch_size, self.rank, self.world_size = url, batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        self.drop_last, self.equal_batches = drop_last, equal_batches
+        self.drop_last, self.equal_batches, self.verify = drop_last, equal_batches, verify
         self.manifest = Manifest.read(url)
         self.views = self.manifest.views
         self.readers_per_rank = max(1, num_workers)
