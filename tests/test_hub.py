@@ -5,13 +5,12 @@ system stands in for the Hub (the real one is ``huggingface_hub.HfFileSystem``, 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import io
 
-import fsspec
+import fake_hub
 import pytest
 import torch
-from fsspec.implementations.memory import MemoryFileSystem
+from fake_hub import REGISTRY, FakeHub
 
 from nextscale import storage
 from nextscale.prior.convert import load_prior
@@ -19,38 +18,7 @@ from nextscale.prior.model import build_var
 from nextscale.tokenize.convert import load_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
-# the module (``fsspec.registry`` names the read-only mapping): implementations registered in a test are undone
-REGISTRY = importlib.import_module("fsspec.registry")
-
-
-class FakeHub(MemoryFileSystem):
-    """``hf://owner/repo/file`` kept in memory; counts the files downloaded."""
-
-    protocol = "hf"
-    store: dict = {}
-    pseudo_dirs = [""]
-    downloads: list[str] = []
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return "/" + str(path).removeprefix("hf://").strip("/")
-
-    def get_file(self, rpath, lpath, **kwargs):
-        type(self).downloads.append(rpath)
-        return super().get_file(rpath, lpath, **kwargs)
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    monkeypatch.setitem(REGISTRY._registry, "hf", FakeHub)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    FakeHub.store.clear()
-    FakeHub.downloads.clear()
-    FakeHub.clear_instance_cache()
-    fs = fsspec.filesystem("hf")
-    yield fs
-    FakeHub.store.clear()
-
+hub = fake_hub.hub
 
 def _put(fs, url: str, obj) -> None:
     buf = io.BytesIO()

@@ -51,23 +51,36 @@ def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
     if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in state_dict):
         return ("this looks like a VQVAE checkpoint; load it with "
                 "nextscale.tokenize.convert.load_official_vqvae")
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not blocks or "pos_start" not in state_dict:
+    signature = _signature(state_dict)
+    if signature is None:
         return ""
-    depth, width = max(blocks) + 1, state_dict["pos_start"].shape[-1]
-    shared = any(k.startswith("shared_ada_lin.") for k in state_dict)
-    arch = "mvar" if any(".mamba." in k for k in state_dict) else "var"
+    arch, depth, width, _ = signature
     l2 = any(k.endswith("attn.scale_mul_1H11") for k in state_dict)
     family = _FAMILY[arch]
-    matches = [name for name, cfg in VAR_PRESETS.items()
-               if (cfg.arch, cfg.depth, cfg.width, cfg.shared_aln) == (arch, depth, width, shared)]
-    if matches:
-        name = matches[0]
+    name = matching_preset(state_dict)
+    if name:
         l2_note = "" if VAR_PRESETS[name].attn_l2_norm == l2 else f" with model.overrides.attn_l2_norm={str(l2).lower()}"
         return (f"this looks like {family} {name if arch == 'mvar' else 'var_' + name} (depth {depth}, width "
                 f"{width}), use preset {name}{l2_note}")
     return (f"this looks like {family} of depth {depth} and width {width}; build a VARConfig with arch={arch} "
             "and those sizes")
+
+
+def _signature(state_dict: Mapping[str, Tensor]) -> tuple[str, int, int, bool] | None:
+    """(arch, depth, width, shared AdaLN) of a prior state dict, or None if it is not one."""
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or "pos_start" not in state_dict:
+        return None
+    arch = "mvar" if any(".mamba." in k for k in state_dict) else "var"
+    shared = any(k.startswith("shared_ada_lin.") for k in state_dict)
+    return arch, max(blocks) + 1, state_dict["pos_start"].shape[-1], shared
+
+
+def matching_preset(state_dict: Mapping[str, Tensor]) -> str:
+    """The first preset whose family, depth, width and AdaLN sharing the state dict has, or ''."""
+    signature = _signature(state_dict)
+    return next((name for name, cfg in VAR_PRESETS.items()
+                 if (cfg.arch, cfg.depth, cfg.width, cfg.shared_aln) == signature), "")
 
 
 _FAMILY = {"var": "a VAR", "mvar": "an M-VAR"}
@@ -145,9 +158,14 @@ def to_official_state_dict(model: VAR) -> dict[str, Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def load_prior(url: str, preset: str = "d16") -> VAR:
-    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}) or an official state dict
-    built as ``preset``; eval mode, gradients off."""
+def load_prior(url: str, preset: str | None = "d16") -> VAR:
+    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}), a folder written by
+    ``nextscale.save_pretrained``, or an official state dict built as ``preset`` (None: the preset whose sizes
+    the file has); eval mode, gradients off."""
+    from nextscale import pretrained
+
+    if pretrained.is_pretrained(url):
+        return pretrained.from_pretrained(url, "var")
     try:
         obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -159,5 +177,10 @@ def load_prior(url: str, preset: str = "d16") -> VAR:
         cfg = from_dict(VARConfig, {k: v for k, v in cfg_dict.items() if k in fields}, prefix=f"{url}: config.")
         var = load_official_var(obj["state_dict"], cfg)
     else:
+        if preset is None:
+            preset = matching_preset(unwrap_state_dict(obj, url))
+            if not preset:
+                raise CheckpointMismatch(f"{url} matches no VAR preset ({_looks_like(unwrap_state_dict(obj, url))}); "
+                                         "give the preset or load it with load_official_var and a VARConfig")
         var = load_official_var(obj, preset)
     return var.eval().requires_grad_(False)
