@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -174,7 +175,8 @@ def test_config_errors_name_the_key_and_the_fix(codes, tmp_path):
 
 def test_demo_configs_load():
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    for name in ("prior_demo", "prior_debug", "prior_d16", "prior_d20", "prior_d24", "prior_d30"):
+    for name in ("prior_demo", "prior_debug", "prior_d16", "prior_d20", "prior_d24", "prior_d30", "prior_mvar_demo",
+                 "prior_mvar_d16"):
         cfg = load_config(PriorTrainConfig, os.path.join(root, f"{name}.yaml"))
         assert cfg.output
     d16 = load_config(PriorTrainConfig, os.path.join(root, "prior_d16.yaml"))
@@ -182,6 +184,10 @@ def test_demo_configs_load():
     assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.use_gpu
     d30 = load_config(PriorTrainConfig, os.path.join(root, "prior_d30.yaml"))
     assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
+    # M-VAR-d16: VAR-d16's recipe, attn_l2_norm off (official README)
+    mvar = load_config(PriorTrainConfig, os.path.join(root, "prior_mvar_d16.yaml"))
+    assert dataclasses.replace(mvar, model=d16.model, output=d16.output) == d16
+    assert mvar.model.var_config().arch == "mvar" and not mvar.model.var_config().attn_l2_norm
 
 
 
@@ -202,3 +208,35 @@ def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     again = run_prior(cfg)
     assert (again["steps"], again["steps_trained"]) == (4, 0)
+
+
+def test_mvar_trains_resumes_bit_for_bit_and_samples(codes, tmp_path):
+    from nextscale.prior.mvar import MVAR
+    from nextscale.prior.sample import sample_codes
+    from nextscale.tokenize.encode import load_job_tokenizer
+
+    extra = ("model.preset=mvar_golden_tiny", "steps=4", "ckpt_every=2", "optim.lr=3e-3", "optim.warmup_steps=2",
+             "model.overrides.drop_path_rate=0.1")  # condition dropout + drop path: the RNG must resume too
+    cfg = _cfg(codes, tmp_path / "ref", *extra)
+    train_prior(cfg, LocalContext(cfg.output))
+    cfg = _cfg(codes, tmp_path / "cut", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(cfg, CrashAfter(cfg.output, 2))
+    assert train_prior(cfg, LocalContext(cfg.output))["steps_trained"] == 2
+    ref, cut = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in ref] and len({r["loss"] for r in ref}) == 4
+    wr, wc = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert any(".mamba." in k for k in wr) and all(torch.equal(wr[k], wc[k]) for k in wr)
+
+    mvar = load_prior(os.path.join(tmp_path, "cut", "prior.pt"))
+    assert isinstance(mvar, MVAR) and mvar.cfg.arch == "mvar"
+    quantizer = load_job_tokenizer(os.path.join(os.path.dirname(codes), "tokenizer.pt"))[0].quantize
+    draws = [sample_codes(mvar, quantizer, torch.tensor([2, 5]), generator=torch.Generator().manual_seed(1))
+             for _ in range(2)]
+    assert draws[0].shape == (2, 30) and torch.equal(draws[0], draws[1]) and int(draws[0].max()) < 64
+
+    # the same output folder with a VAR preset: refused, naming both families
+    cfg = _cfg(codes, tmp_path / "cut", "steps=6")
+    with pytest.raises(ValueError, match=r"holds an M-VAR \(model.preset=mvar_golden_tiny\) but "
+                                         r"model.preset=golden_tiny is a VAR"):
+        train_prior(cfg, LocalContext(cfg.output))

@@ -228,6 +228,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         if state["world_size"] != world:
             raise ValueError(f"the checkpoint in {restore_dir} was written by {state['world_size']} workers; "
                              f"resume with num_workers={state['world_size']} (data positions are per worker)")
+        _check_same_family(state, var_cfg, cfg, restore_dir)
         checkpoint.load_model_and_optimizer_state(model, optimizer, state["model"], state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, history = state["step"], state["history"]
@@ -297,6 +298,17 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops)
     wandb.finish()
     return summary
+
+
+def _check_same_family(state: dict, var_cfg: VARConfig, cfg: PriorTrainConfig, restore_dir: str) -> None:
+    """An output folder holding another model family's checkpoint is a user mistake: name both."""
+    saved = state.get("var_config", {}).get("arch", "var")
+    if saved != var_cfg.arch:
+        family = {"var": "a VAR", "mvar": "an M-VAR"}
+        saved_preset = state.get("config", {}).get("model", {}).get("preset", "?")
+        raise ValueError(f"the checkpoint in {restore_dir} holds {family[saved]} (model.preset={saved_preset}) but "
+                         f"model.preset={cfg.model.preset} is {family[var_cfg.arch]}; resume with "
+                         f"model.preset={saved_preset} or write to another output")
 
 
 def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, codes_BL: torch.Tensor,
