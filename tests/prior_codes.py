@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nextscale.codes import write_synthetic_shards
-from nextscale.tokenize.encode import load_job_tokenizer
+from nextscale.tokenize.convert import load_tokenizer
 
 
 def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, seed: int,
@@ -12,7 +12,7 @@ def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, s
 
     The manifest records the tokenizer file as `nextscale tokenize` does (url, kind, sha256, config).
     """
-    vqvae, ident = load_job_tokenizer(tokenizer_url)
+    vqvae, ident = load_tokenizer(tokenizer_url)
     vq = vqvae.cfg
     write_synthetic_shards(out, num_samples=num_samples, num_tokens=vq.num_tokens, vocab_size=vq.vocab_size,
                            views=views, samples_per_shard=samples_per_shard, num_classes=num_classes, seed=seed,

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from nextscale import codes, storage
+from nextscale.images import decode_image, list_image_folder, load_class_list, make_views
 from nextscale.prior.data import CodeLoader
 from nextscale.tokenize.encode import CodeEncoder
 from nextscale.tokenize.job_config import TokenizeConfig
-from nextscale.tokenize.preprocess import decode_image, make_views
 from nextscale.tokenize.vqvae import VQVAE_PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,11 +61,11 @@ def _bad_folder(root: Path) -> dict[str, tuple[str, str]]:
         "dog/tiny": ("dog/tiny.png", _encode(_photo(6, (8, 8)), "PNG"), "rejected", "too small"),
         "stray": ("stray.jpg", jpg, "rejected", "not inside a class folder"),
         "bird/unknown": ("bird/unknown.jpg", jpg, "rejected", "not in the class list"),
+        "_hidden": (".hidden", b"not an input", "rejected", "hidden"),
     }
     for name, data, _, _ in files.values():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    (root / ".hidden").write_bytes(b"ignored")  # hidden files are not inputs
     return {k: (status, reason) for k, (_, _, status, reason) in files.items()}
 
 
@@ -75,10 +75,10 @@ def _class_list(path: Path) -> str:
 
 
 def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
-    from nextscale.pipelines.tokenize import list_imagefolder, load_class_list, read_and_views
+    from nextscale.pipelines.tokenize import read_and_views
 
     expected = _bad_folder(tmp_path / "in")
-    items, classes = list_imagefolder(str(tmp_path / "in"), load_class_list(_class_list(tmp_path / "c.json")))
+    items, classes = list_image_folder(str(tmp_path / "in"), load_class_list(_class_list(tmp_path / "c.json")))
     assert classes == ["cat", "dog"]
     task = {"index": 0, "kind": "files", "items": items, "url": ""}
     chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=64, views=2,

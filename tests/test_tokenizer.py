@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from golden_rule import GOLDEN, VQVAE_SEED_BASE, official_param_shapes, rule_state_dict
 
 from nextscale import checkpoint
-from nextscale.config import ConfigError, load_config
+from nextscale.config import ConfigError, load_config, to_dict
+from nextscale.images import accepted_images, list_image_folder
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.config import TokenizerTrainConfig
 from nextscale.tokenize.convert import (
@@ -20,8 +23,10 @@ from nextscale.tokenize.convert import (
     check_state_dict,
     load_official_vqvae,
     load_tokenizer,
+    save_tokenizer,
+    weights_sha256,
 )
-from nextscale.tokenize.images import ImageFolderDataset, list_image_folder
+from nextscale.tokenize.data import ImageFolderDataset
 from nextscale.tokenize.metrics import evaluate_reconstruction, index_agreement
 from nextscale.tokenize.scales import join_codes, num_tokens, phi_index_table, scale_slices, split_codes
 from nextscale.tokenize.train import train_tokenizer
@@ -132,8 +137,55 @@ def test_official_file_and_tokenizer_file_round_trip(tmp_path):
     with pytest.raises(CheckpointMismatch, match="is this a vae_ch160v4096z32 checkpoint"):
         load_official_vqvae(str(tmp_path / "official.pth"))  # tiny weights into the full-size preset
     # load_tokenizer also reads official files (given the preset)
-    again = load_tokenizer(str(tmp_path / "official.pth"), preset="golden_tiny")
+    again, _ = load_tokenizer(str(tmp_path / "official.pth"), preset="golden_tiny")
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
+
+
+def test_one_tokenizer_loader_for_paths_bytes_presets_and_the_meta_device(tmp_path):
+    trained = build_vqvae("golden_tiny")
+    save_tokenizer(trained, str(tmp_path / "tokenizer.pt"))
+    data = (tmp_path / "tokenizer.pt").read_bytes()
+    from_path, ident = load_tokenizer(str(tmp_path / "tokenizer.pt"))
+    from_bytes, ident_b = load_tokenizer(data, name="somewhere/tokenizer.pt")
+    assert ident == {"url": str(tmp_path / "tokenizer.pt"), "kind": "file", "preset": "vae_ch160v4096z32",
+                     "sha256": hashlib.sha256(data).hexdigest(), "config": to_dict(trained.cfg)}
+    assert ident_b == {**ident, "url": "somewhere/tokenizer.pt"}
+    for model in (from_path, from_bytes):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+    # the architecture alone (what a driver needs), checked against the file without loading weights
+    meta, ident_m = load_tokenizer(data, name="t.pt", device="meta")
+    assert meta.cfg == trained.cfg and meta.quantize.embedding.weight.is_meta and ident_m["sha256"] == ident["sha256"]
+    # a preset: seeded random weights, the same in every process, the caller's RNG untouched
+    state = torch.get_rng_state()
+    a, ident_a = load_tokenizer("golden_tiny", seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b, _ = load_tokenizer("golden_tiny", seed=3)
+    assert ident_a["kind"] == "random_init" and ident_a["sha256"] == weights_sha256(b) == weights_sha256(a)
+    assert ident_a["sha256"] != load_tokenizer("golden_tiny", seed=4)[1]["sha256"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "empty or truncated"),
+    (b"just some text", "not a PyTorch checkpoint"),
+    ("truncated", "damaged or truncated"),
+    ("pickled object", "holds objects a nextscale checkpoint never holds"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, content, why):
+    path = tmp_path / "weights.bin"
+    if content == "truncated":
+        torch.save({"w": torch.zeros(4)}, path)
+        content = path.read_bytes()[:200]
+    elif content == "pickled object":
+        torch.save({"w": torch.zeros(4), "cfg": argparse.Namespace(depth=16)}, path)
+        content = path.read_bytes()
+    path.write_bytes(content)
+    with pytest.raises((CheckpointMismatch, checkpoint.CheckpointError)) as e:
+        load_tokenizer(str(path), preset="golden_tiny")
+    assert f"tokenizer {path}" in str(e.value) and why in str(e.value)
+    assert "weights_only" not in str(e.value)  # never advise unpickling a file that may run code
+    with pytest.raises(FileNotFoundError, match="does not exist: give a tokenizer.pt"):
+        load_tokenizer(str(tmp_path / "missing.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +269,8 @@ def test_bf16_encode_path(tiny):
 
 
 def test_vae_256_on_real_photos(shared_data):
-    items = list_image_folder(str(shared_data / "imagenet-sample"))[:2]
+    root = str(shared_data / "imagenet-sample")
+    items = accepted_images(list_image_folder(root)[0], root)[:2]
     ds = ImageFolderDataset(items, 256, train=False)
     img = torch.stack([ds[0], ds[1]])
     assert img.shape == (2, 3, 256, 256) and -1.0 <= float(img.min()) and float(img.max()) <= 1.0
@@ -279,7 +332,7 @@ def test_tiny_tokenizer_learns(small_images, tmp_path):
     torch.manual_seed(0)
     cfg = _tiny_cfg(small_images, tmp_path / "run", "optim.steps=60", "log_every=20", "ckpt_every=60",
                     "loss.dead_code_restart_every=20")
-    val = ImageFolderDataset(list_image_folder(f"{small_images}/val"), 16, train=False)
+    val = ImageFolderDataset(accepted_images(list_image_folder(f"{small_images}/val")[0], ""), 16, train=False)
     batch = [torch.stack([val[i] for i in range(len(val))])]
     torch.manual_seed(cfg.seed)
     before = evaluate_reconstruction(build_vqvae(cfg.vqvae_config()), batch)
@@ -288,7 +341,7 @@ def test_tiny_tokenizer_learns(small_images, tmp_path):
     assert summary["steps"] == 60 and after["images"] == 20
     # measured: PSNR 11.8 -> 14.8 dB, L1 0.394 -> 0.291 on the held-out images
     assert after["l1"] < 0.8 * before["l1"] and after["psnr_db"] > before["psnr_db"] + 2.5
-    vae = load_tokenizer(str(tmp_path / "run" / "tokenizer.pt"))
+    vae, _ = load_tokenizer(str(tmp_path / "run" / "tokenizer.pt"))
     assert vae.cfg == cfg.vqvae_config()
     assert evaluate_reconstruction(vae, batch)["psnr_db"] == pytest.approx(after["psnr_db"], abs=1e-4)
     assert (tmp_path / "run" / "config.yaml").exists()
@@ -319,8 +372,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(small_images, tmp_path):
     assert not (tmp_path / "b" / "tokenizer.pt").exists()
     summary = train_tokenizer(resumed, LocalContext(resumed.output))
     assert summary["steps"] == 12
-    a = load_tokenizer(str(tmp_path / "a" / "tokenizer.pt")).state_dict()
-    b = load_tokenizer(str(tmp_path / "b" / "tokenizer.pt")).state_dict()
+    a = load_tokenizer(str(tmp_path / "a" / "tokenizer.pt"))[0].state_dict()
+    b = load_tokenizer(str(tmp_path / "b" / "tokenizer.pt"))[0].state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -16,12 +16,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from nextscale import storage
 from nextscale.eval.config import FidConfig
-from nextscale.tokenize.images import center_crop, list_image_folder, resize_shorter
+from nextscale.images import accepted_images, center_view, list_image_folder, open_image
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +53,12 @@ def _as_input(images_NHWC: np.ndarray | Tensor, size: int) -> Tensor:
 
 def load_image_folder(url: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 (N, size, size, 3) images, int64 (N,) labels, class folder names) of an ImageFolder."""
-    items = list_image_folder(url)
-    images = np.empty((len(items), size, size, 3), dtype=np.uint8)
-    for i, (item_url, _) in enumerate(items):
-        try:
-            img = Image.open(io.BytesIO(storage.read_bytes(item_url))).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"cannot decode image {item_url}: {e}; remove or replace the file") from e
-        images[i] = np.asarray(center_crop(resize_shorter(img, size), size))
-    classes = sorted({u.rstrip("/").rsplit("/", 2)[-2] for u, _ in items})
-    return images, np.array([label for _, label in items], dtype=np.int64), classes
+    items, classes = list_image_folder(url)
+    files = accepted_images(items, url)
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, (source, _) in enumerate(files):
+        images[i] = np.asarray(center_view(open_image(source), size))
+    return images, np.array([label for _, label in files], dtype=np.int64), classes
 
 
 def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int, *, size: int = 32,

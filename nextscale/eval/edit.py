@@ -11,19 +11,16 @@ more than half of its area is kept (``known_mask_from_pixels``); the sampler for
 
 from __future__ import annotations
 
-import io
-
+import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from nextscale import storage
 from nextscale.eval.config import SampleConfig
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import sample_batch, seeded_generator
+from nextscale.images import center_view, open_image, to_float
 from nextscale.prior.model import VAR
 from nextscale.prior.sample import known_mask_from_pixels
-from nextscale.tokenize.images import center_crop, resize_shorter, to_tensor
 from nextscale.tokenize.vqvae import VQVAE
 
 MODES = ("inpaint", "outpaint", "class_edit")
@@ -31,11 +28,7 @@ MODES = ("inpaint", "outpaint", "class_edit")
 
 def load_image(url: str, size: int) -> Tensor:
     """(1, 3, size, size) in [-1, 1]: shorter side resized (Lanczos), centre crop."""
-    try:
-        img = Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot decode edit.image {url}: {e}; give a PNG or JPEG file") from e
-    return to_tensor(center_crop(resize_shorter(img, size), size)).unsqueeze(0)
+    return torch.from_numpy(to_float(np.asarray(center_view(open_image(url), size)))).unsqueeze(0)
 
 
 def box_mask(size: int, box: tuple[float, float, float, float]) -> Tensor:

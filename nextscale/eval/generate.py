@@ -38,7 +38,7 @@ def resolve_device(device: str) -> torch.device:
 def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[VAR, VQVAE]:
     """The prior and tokenizer on ``device``, checked to fit each other."""
     var = load_prior(cfg.prior_url, cfg.prior_preset)
-    vqvae = load_tokenizer(cfg.tokenizer_url, cfg.tokenizer_preset)
+    vqvae, _ = load_tokenizer(cfg.tokenizer_url, preset=cfg.tokenizer_preset)
     vc = vqvae.cfg
     if (tuple(vc.patch_nums), vc.vocab_size, vc.z_channels) != (var.patch_nums, var.V, var.Cv):
         raise ValueError(f"the prior {cfg.prior_url} (patch_nums {var.patch_nums}, V {var.V}, Cv {var.Cv}) does not "

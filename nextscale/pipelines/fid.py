@@ -40,10 +40,10 @@ from nextscale.eval.fid import (
     precision_recall,
 )
 from nextscale.eval.generate import group_indices, load_models, resolve_device, sample_batch, seeded_generator
+from nextscale.images import center_view, is_image_name, open_image, walk
 from nextscale.logs import WandbRun
 from nextscale.pipelines.common import init_ray
 from nextscale.tokenize.convert import load_tokenizer
-from nextscale.tokenize.images import IMAGE_EXTENSIONS, center_crop, resize_shorter
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +113,22 @@ def list_reference_items(url: str) -> list[str]:
     """Image files (recursively, sorted) under ``url``, or tar shards (a .tar URL or a folder of them)."""
     if url.endswith(".tar"):
         return [url]
-    fs, path = storage.filesystem(url)
-    if not fs.exists(path):
+    if not storage.exists(url):
         raise FileNotFoundError(f"reference.images={url!r} does not exist: give an image folder or tar shards")
-    proto = storage.protocol(url)
-    prefix = "" if proto == "file" else f"{proto}://"
-    files = sorted(prefix + p for p in fs.find(path))
-    tars = [f for f in files if f.endswith(".tar")]
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not tars and not images:
+    entries, _ = walk(url)
+    tars = [rel for rel, kind in entries if kind == "file" and rel.endswith(".tar")]
+    chosen = tars or [rel for rel, kind in entries if kind == "file" and is_image_name(rel)]
+    if not chosen:
         raise FileNotFoundError(f"no images or .tar shards under reference.images={url!r}")
-    return tars or images
+    if len(chosen) < len(entries):
+        unused = sorted(set(rel for rel, _ in entries) - set(chosen))
+        log.warning("fid: %d entries under %s are not %s and are not used: %s%s", len(unused), url,
+                    "tars" if tars else "images", ", ".join(unused[:5]), " …" if len(unused) > 5 else "")
+    return [storage.join(url, rel) for rel in chosen]
 
 
 def _decode_reference(url: str, data: bytes, size: int) -> np.ndarray:
-    try:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot decode reference image {url}: {e}; remove it or replace it") from e
-    return np.asarray(center_crop(resize_shorter(img, size), size))
+    return np.asarray(center_view(open_image(url, data), size))
 
 
 def load_reference_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -140,7 +137,7 @@ def load_reference_images(batch: dict[str, np.ndarray], size: int) -> dict[str, 
     for item, url in zip(batch["item"].tolist(), batch["url"].tolist()):
         if url.endswith(".tar"):
             with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url))) as tar:
-                members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)),
+                members = sorted((m for m in tar.getmembers() if m.isfile() and is_image_name(m.name)),
                                  key=lambda m: m.name)
                 for j, m in enumerate(members):
                     images.append(_decode_reference(f"{url}:{m.name}", tar.extractfile(m).read(), size))
@@ -271,7 +268,7 @@ def run(cfg: FidConfig) -> dict:
                     cfg.feature_fallback)
         cfg = dataclasses.replace(cfg, feature_extractor=cfg.feature_fallback)
         probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
-    tok_cfg = load_tokenizer(cfg.models.tokenizer_url, cfg.models.tokenizer_preset).cfg
+    tok_cfg = load_tokenizer(cfg.models.tokenizer_url, preset=cfg.models.tokenizer_preset, device="meta")[0].cfg
     del probe
     use_gpu = _use_gpu(cfg)
     num_samplers = cfg.num_sampler_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)

@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 
@@ -31,17 +30,14 @@ import ray
 
 from nextscale import codes, storage
 from nextscale.config import RayConfig, dump_yaml
+from nextscale.images import InputError, decode_image, list_image_folder, load_class_list, make_views
 from nextscale.pipelines.common import init_ray
 from nextscale.tokenize import inputs
+from nextscale.tokenize.convert import load_tokenizer, read_tokenizer
 from nextscale.tokenize.job_config import TokenizeConfig
-from nextscale.tokenize.preprocess import IMAGE_EXTENSIONS, decode_image, make_views
 
 log = logging.getLogger(__name__)
 
-
-
-class InputError(ValueError):
-    """The job's input or output cannot be used; the message names the location and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,73 +83,6 @@ def list_tars(url: str) -> list[str]:
     return sorted(set(out))
 
 
-def load_class_list(url: str) -> list[str]:
-    """Class names in index order from a JSON list of names or of ``{index, wnid}`` objects."""
-    try:
-        data = json.loads(storage.read_text(url))
-    except FileNotFoundError:
-        raise InputError(f"class_list {url!r} does not exist; fix the path or leave it empty") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"class_list {url!r} is not JSON ({e})") from None
-    if isinstance(data, dict):  # {"0": ["n01440764", "tench"], ...} (Keras imagenet_class_index.json)
-        data = [data[k] for k in sorted(data, key=int)]
-    names = []
-    for i, entry in enumerate(data if isinstance(data, list) else []):
-        if isinstance(entry, dict) and "index" in entry and entry["index"] != i:
-            raise InputError(f"class_list {url!r}: entry {i} has index {entry['index']}; entries must be in index order")
-        if isinstance(entry, dict):
-            name = entry.get("wnid") or entry.get("name")
-        else:
-            name = entry[0] if isinstance(entry, list) and entry else entry
-        if not isinstance(name, str) or not name:
-            raise InputError(f"class_list {url!r}: entry {i} ({entry!r}) names no class")
-        names.append(name)
-    if not names:
-        raise InputError(f"class_list {url!r} must be a non-empty JSON list of class names or {{index, wnid}} objects")
-    if len(set(names)) != len(names):
-        raise InputError(f"class_list {url!r} names a class twice")
-    return names
-
-
-def list_imagefolder(root: str, class_list: list[str] | None) -> tuple[list[dict], list[str]]:
-    """Every (non-hidden) file under ``root`` as an item {key, source, label, reason}, plus the class names.
-
-    Files outside a class folder, in folders missing from the class list, or with a non-image extension are
-    listed as rejected (so nothing is dropped silently).
-    """
-    fs, path = storage.filesystem(root)
-    if not fs.exists(path):
-        raise InputError(f"input {root!r} does not exist; give an ImageFolder root (<root>/<class>/<image>)")
-    proto = storage.protocol(root)
-    rel_paths = []
-    for p in fs.find(path, withdirs=False):
-        rel = p[len(path.rstrip("/")) + 1:] if p.startswith(path.rstrip("/") + "/") else p.rsplit("/", 1)[-1]
-        if not rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        rel_paths.append(rel)
-    rel_paths.sort()
-    folders = sorted({r.split("/")[0] for r in rel_paths if "/" in r})
-    classes = class_list if class_list is not None else folders
-    index = {c: i for i, c in enumerate(classes)}
-    items, seen = [], {}
-    for rel in rel_paths:
-        source = storage.join(root, rel) if proto != "file" else os.path.join(path, rel)
-        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-        key = inputs.unique_key(codes.sanitize_key(stem), seen)
-        folder = rel.split("/")[0] if "/" in rel else ""
-        label, reason = index.get(folder, -1), ""
-        if not folder:
-            reason = "not inside a class folder (ImageFolder layout is <root>/<class>/<image>)"
-        elif label < 0:
-            reason = (f"class folder {folder!r} is not in the class list; rename the folder or add the class")
-        elif not rel.lower().endswith(IMAGE_EXTENSIONS):
-            reason = f"not an image file (extension {os.path.splitext(rel)[1] or 'none'!r})"
-        items.append({"key": key, "source": source, "label": label, "reason": reason})
-    if not items:
-        raise InputError(f"no files under {root!r}: expected an ImageFolder (<root>/<class>/<image>.jpg)")
-    return items, classes
-
-
 @dataclasses.dataclass
 class ShardTask:
     index: int
@@ -181,7 +110,7 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
         sizes = storage.sizes(tars)
         return [ShardTask(i, "tar", [], url=u, size=n) for i, (u, n) in enumerate(zip(tars, sizes))], \
             class_list or [], fmt
-    items, classes = list_imagefolder(cfg.input, class_list)
+    items, classes = list_image_folder(cfg.input, class_list)
     if cfg.max_images:
         items = items[: cfg.max_images]
     n = cfg.samples_per_shard
@@ -336,14 +265,14 @@ def _use_gpu(cfg: TokenizeConfig) -> bool:
 
 def run(cfg: TokenizeConfig) -> dict:
     """Run (or resume) the tokenize job; returns a JSON-able summary."""
-    from nextscale.tokenize.encode import load_job_tokenizer
-
     t0 = time.perf_counter()
     storage.configure(cfg.storage)
     tasks, classes, fmt = plan_shards(cfg)
-    model, tok = load_job_tokenizer(cfg.tokenizer, preset=cfg.tokenizer_preset, seed=cfg.seed)
-    vq = model.cfg
-    del model
+    # read once: the same bytes go to the encoder actors; the driver builds the architecture only (meta device)
+    tok_source = read_tokenizer(cfg.tokenizer)
+    vq, tok = load_tokenizer(tok_source, preset=cfg.tokenizer_preset, seed=cfg.seed, name=cfg.tokenizer,
+                             device="meta")
+    vq = vq.cfg
     if cfg.image_size not in (0, vq.image_size):
         raise InputError(f"image_size={cfg.image_size} but the tokenizer encodes {vq.image_size}-px images; "
                          "set image_size=0 or use a matching tokenizer")
@@ -365,7 +294,7 @@ def run(cfg: TokenizeConfig) -> dict:
     t_job = time.perf_counter()
     made_images, timing = 0, {"encode_span_s": 0.0, "encode_busy_s": 0.0}
     if todo:
-        made_images, timing = _run_ray(cfg, todo, tok, fingerprint, size, L, parts, len(classes))
+        made_images, timing = _run_ray(cfg, todo, tok_source, fingerprint, size, L, parts, len(classes))
     span = timing["encode_span_s"]
     # images/s from the encoder's first batch to its last: start-up excluded, starvation by decoding included
     steady = made_images / span if made_images and span > 0 else 0.0
@@ -400,14 +329,14 @@ def run(cfg: TokenizeConfig) -> dict:
     return summary
 
 
-def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok: dict, fingerprint: str, size: int, L: int,
-             parts: dict[int, dict], num_classes: int) -> tuple[int, dict[str, float]]:
+def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes, fingerprint: str, size: int,
+             L: int, parts: dict[int, dict], num_classes: int) -> tuple[int, dict[str, float]]:
     """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
     gpu = _use_gpu(cfg)
     n_enc = cfg.num_encoders or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
     # the tokenizer goes through the object store: workers need no access to the driver's files
-    tok_payload = cfg.tokenizer if tok["kind"] == "random_init" else ray.put(storage.read_bytes(cfg.tokenizer))
+    tok_payload = ray.put(tok_source) if isinstance(tok_source, bytes) else tok_source
     chunk = max(1, cfg.batch_size // cfg.views)
     rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url,
                                  "num_classes": num_classes})} for t in todo]
@@ -507,7 +436,7 @@ def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", b
     ``steady_img_per_s`` spans the encoder's first to last batch (start-up excluded, any wait for decoded
     images included).
     """
-    n_images = len(list_imagefolder(data, None)[0])
+    n_images = len(list_image_folder(data)[0])
     cfg = TokenizeConfig(input=data, output=out, tokenizer=tokenizer_preset, views=views, batch_size=batch_size,
                          samples_per_shard=max(1, -(-n_images // num_shards)), encoder_num_cpus=encoder_num_cpus,
                          ray=ray_cfg or RayConfig())

@@ -12,7 +12,6 @@ recomputed from the config. An M-VAR file given to a VAR preset (or the reverse)
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from nextscale import storage
 from nextscale.config import from_dict
 from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, build_var, level_index
 from nextscale.tokenize import convert as tokenizer_convert
-from nextscale.tokenize.convert import CheckpointMismatch
+from nextscale.tokenize.convert import CheckpointMismatch, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
     Accepts a bare state dict (the released ``var_d*.pth``), one under "state_dict"/"model", and the
     official trainer checkpoints (``ar-ckpt-*.pth``: ``ckpt["trainer"]["var_wo_ddp"]``).
     """
-    obj = torch.load(io.BytesIO(storage.read_bytes(str(path_or_url))), map_location="cpu", weights_only=True)
+    obj = read_checkpoint(storage.read_bytes(str(path_or_url)), str(path_or_url))
     return unwrap_state_dict(obj, str(path_or_url))
 
 
@@ -167,7 +166,7 @@ def load_prior(url: str, preset: str | None = "d16") -> VAR:
     if pretrained.is_pretrained(url):
         return pretrained.from_pretrained(url, "var")
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+        obj = read_checkpoint(storage.read_bytes(url), f"prior {url}")
     except FileNotFoundError:
         raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
                                 "models.prior_url") from None

@@ -34,6 +34,7 @@ from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
 from nextscale.prior.optim import Schedule, build_optimizer
 from nextscale.runtime import TrainContext
+from nextscale.tokenize.convert import load_tokenizer, weights_sha256
 from nextscale.tokenize.scales import scale_slices, split_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer, VQVAEConfig
 
@@ -72,17 +73,15 @@ def load_quantizer(cfg: PriorTrainConfig, manifest: Manifest,
     random-init preset (rebuilt identically). Its sha256 must match the manifest's. Only the codebook and
     the Phi convs are kept: the encoder and decoder are dropped at once.
     """
-    from nextscale.tokenize.encode import load_job_tokenizer, weights_sha256
-
     tok = manifest.tokenizer
     if cfg.data.tokenizer_url:
-        vqvae, ident = load_job_tokenizer(cfg.data.tokenizer_url, preset=cfg.data.tokenizer_preset)
+        vqvae, ident = load_tokenizer(cfg.data.tokenizer_url, preset=cfg.data.tokenizer_preset)
         source = cfg.data.tokenizer_url
     elif tok.get("kind") == "random_init" and tok.get("preset"):
-        vqvae, ident = load_job_tokenizer(tok["preset"], seed=int(tok.get("seed", 0)))
+        vqvae, ident = load_tokenizer(tok["preset"], seed=int(tok.get("seed", 0)))
         source = f"random-init preset {tok['preset']} (seed {tok.get('seed', 0)})"
     elif tok.get("url"):
-        vqvae, ident = load_job_tokenizer(tok["url"], preset=tok.get("preset") or cfg.data.tokenizer_preset)
+        vqvae, ident = load_tokenizer(tok["url"], preset=tok.get("preset") or cfg.data.tokenizer_preset)
         source = tok["url"]
     else:
         raise ValueError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to "

@@ -1,24 +1,28 @@
-"""Official VAR VQVAE checkpoints (``vae_ch160v4096z32.pth``) <-> nextscale, with strict key and shape checks.
+"""Tokenizer checkpoints: :func:`load_tokenizer`, the one way every stage gets its VQVAE, and the strict
+converter of the official VAR VQVAE checkpoints (``vae_ch160v4096z32.pth``).
 
 nextscale's module paths are the official state-dict names, so conversion is a check, not a rename:
 every key the model expects must be present with the expected shape and no unknown key may be left
 over. The one tolerated difference is the official behaviour for ``quantize.ema_vocab_hit_SV`` (usage
-statistics only): absent or of another shape, the model keeps its own buffer.
+statistics only): absent or of another shape, the model keeps its own buffer. Every file is read with
+``torch.load(weights_only=True)``: a checkpoint never runs code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from nextscale import storage
+from nextscale import checkpoint, storage
 from nextscale.config import from_dict, to_dict
-from nextscale.tokenize.vqvae import VQVAE, VQVAEConfig, build_vqvae
+from nextscale.tokenize.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, build_vqvae
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +30,30 @@ OPTIONAL_KEYS = ("quantize.ema_vocab_hit_SV",)
 
 
 class CheckpointMismatch(ValueError):
-    """A state dict does not fit the requested architecture; the message names the key."""
+    """A state dict does not fit the requested architecture, or a file is no checkpoint; the message names it."""
+
+
+def read_checkpoint(data: bytes, name: str) -> object:
+    """The checkpoint in ``data`` read by ``nextscale.checkpoint.load_file`` (``weights_only=True``; a pickle
+    that could run code is refused); bytes that are no checkpoint at all are a CheckpointMismatch naming
+    ``name`` (torch's own messages are not passed on: some suggest unpickling code)."""
+    try:
+        return checkpoint.load_file(name, data)
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load on foreign bytes raises many types; all mean "not a checkpoint"
+        if not data or isinstance(e, EOFError):
+            why = "it is empty or truncated"
+        elif "PytorchStreamReader" in str(e):
+            why = "its archive is damaged or truncated"
+        else:
+            why = f"it is not a PyTorch checkpoint ({type(e).__name__} while reading it)"
+        raise CheckpointMismatch(f"cannot load {name}: {why}; give a checkpoint written by nextscale or an "
+                                 "official VAR release file") from None
 
 
 def _read(path_or_url: str | os.PathLike) -> object:
-    return torch.load(io.BytesIO(storage.read_bytes(str(path_or_url))), map_location="cpu", weights_only=True)
+    return read_checkpoint(storage.read_bytes(str(path_or_url)), str(path_or_url))
 
 
 def read_state_dict(path_or_url: str | os.PathLike, obj: object = None) -> dict[str, Tensor]:
@@ -90,15 +113,67 @@ def save_tokenizer(model: VQVAE, url: str) -> None:
     storage.write_bytes(url, buf.getvalue())
 
 
-def load_tokenizer(url: str | os.PathLike, preset: str | VQVAEConfig = "vae_ch160v4096z32") -> VQVAE:
-    """A trained nextscale tokenizer file (config + state dict), or an official ``.pth`` built as ``preset``.
+def is_preset(source: str) -> bool:
+    """A bare preset name (not a file that happens to share it)."""
+    return source in VQVAE_PRESETS and not os.path.exists(source)
 
-    Returned in eval mode with gradients off.
+
+def weights_sha256(model: VQVAE) -> str:
+    """sha256 over the state dict's names, shapes and float32 bytes (identity of preset-built weights)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().float().contiguous().cpu()
+        h.update(f"{k}:{list(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_tokenizer(source: str) -> str | bytes:
+    """What :func:`load_tokenizer` needs from ``source``: a preset name as it is, else the file's bytes (read once,
+    so a driver can hand the same bytes to its workers)."""
+    if is_preset(source):
+        return source
+    try:
+        return storage.read_bytes(source)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"tokenizer {source!r} does not exist: give a tokenizer.pt from `nextscale train-tokenizer`, an "
+            f"official .pth, or a preset name ({', '.join(VQVAE_PRESETS)})") from None
+
+
+def load_tokenizer(source: str | bytes, *, preset: str = "vae_ch160v4096z32", seed: int = 0, name: str = "",
+                   device: str | torch.device = "cpu") -> tuple[VQVAE, dict[str, Any]]:
+    """(tokenizer in eval mode with gradients off, its identity) from one of:
+
+    - a tokenizer.pt written by train-tokenizer (``{"config", "state_dict"}``, carries its architecture);
+    - an official VQVAE ``.pth`` (a bare state dict), built as ``preset`` and checked strictly;
+    - a preset name: seeded random weights, identical in every process (tests, benchmarks);
+
+    given as a URL / path, or as the file's bytes (``name`` then says where they came from). The identity
+    (recorded in the manifest) holds ``url``, ``kind`` (file | random_init), ``preset``, ``sha256`` (of the
+    file, or of the weights for random init), ``seed`` (random init) and ``config``. ``device="meta"`` gives
+    the architecture only, checked against the file's keys and shapes without loading or initialising
+    weights: what a driver needs to plan a job.
     """
-    obj = _read(url)
-    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
-        cfg = from_dict(VQVAEConfig, obj["config"], prefix="config.")
-        model = VQVAE(cfg)
-        model.load_state_dict(check_state_dict(obj["state_dict"], model), strict=True)
-        return model.eval().requires_grad_(False)
-    return load_official_vqvae(read_state_dict(url, obj), preset)
+    if isinstance(source, str) and is_preset(source):
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
+            torch.manual_seed(seed)
+            model = build_vqvae(source)
+        ident = {"url": "", "kind": "random_init", "preset": source, "seed": seed, "sha256": weights_sha256(model)}
+    else:
+        url = source if isinstance(source, str) else name
+        label = url or "the tokenizer bytes"
+        data = read_tokenizer(source) if isinstance(source, str) else source
+        obj = read_checkpoint(data, f"tokenizer {label}")
+        if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
+            cfg, state_dict, what = from_dict(VQVAEConfig, obj["config"], prefix="config."), obj["state_dict"], ""
+        else:
+            cfg, state_dict, what = preset, read_state_dict(label, obj), preset
+        with torch.device("meta" if str(device) == "meta" else "cpu"):
+            model = build_vqvae(cfg)
+        state_dict = check_state_dict(state_dict, model, what)
+        if str(device) != "meta":
+            model.load_state_dict(state_dict, strict=True)
+        ident = {"url": url, "kind": "file", "preset": preset, "sha256": hashlib.sha256(data).hexdigest()}
+    ident["config"] = to_dict(model.cfg)
+    return model.to(device).eval().requires_grad_(False), ident

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 
 from nextscale import checkpoint, storage
 from nextscale.config import dump_yaml, to_dict
+from nextscale.images import accepted_images, list_image_folder
 from nextscale.logs import WandbRun
 from nextscale.runtime import TrainContext
 from nextscale.tokenize.config import TokenizerTrainConfig
 from nextscale.tokenize.convert import load_tokenizer, save_tokenizer
-from nextscale.tokenize.images import EpochSampler, ImageFolderDataset, list_image_folder
+from nextscale.tokenize.data import EpochSampler, ImageFolderDataset
 from nextscale.tokenize.losses import (
     PatchDiscriminator,
     Perceptual,
@@ -46,9 +47,9 @@ log = logging.getLogger(__name__)
 
 def split_items(cfg: TokenizerTrainConfig) -> tuple[list, list]:
     """(train, held-out) ImageFolder items: val_url if given, else every k-th image of url."""
-    items = list_image_folder(cfg.data.url)
+    items = accepted_images(list_image_folder(cfg.data.url)[0], cfg.data.url)
     if cfg.data.val_url:
-        val = list_image_folder(cfg.data.val_url)
+        val = accepted_images(list_image_folder(cfg.data.val_url)[0], cfg.data.val_url)
     elif cfg.data.val_fraction > 0:
         k = max(2, round(1 / cfg.data.val_fraction))
         val = items[k - 1 :: k]
@@ -111,7 +112,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = VQVAE(vq_cfg)
     if cfg.model.init_url:
-        model.load_state_dict(load_tokenizer(cfg.model.init_url).state_dict())
+        model.load_state_dict(load_tokenizer(cfg.model.init_url)[0].state_dict())
     model.to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     net = ctx.wrap_model(model)

@@ -1,15 +1,14 @@
-"""Images for tokenizer training: an ImageFolder (local or any ``nextscale.storage`` URL) as a torch Dataset.
+"""Data for tokenizer training: the images of an ImageFolder (listed by ``nextscale.images``) as a torch Dataset.
 
 Training samples: shorter side resized (Lanczos) to ``round(image_size * crop_ratio)``, a random
 ``image_size`` crop and an optional horizontal flip. Held-out samples: shorter side resized to
-``image_size`` and a centre crop. Augmentation randomness comes from ``(seed, epoch, index)`` only, so
-a run is reproducible whatever the number of loader workers, and :class:`EpochSampler` can resume in
-the middle of an epoch.
+``image_size`` and a centre crop (``nextscale.images.center_view``). Augmentation randomness comes from
+``(seed, epoch, index)`` only, so a run is reproducible whatever the number of loader workers, and
+:class:`EpochSampler` can resume in the middle of an epoch.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,43 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from nextscale import storage
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def list_image_folder(url: str) -> list[tuple[str, int]]:
-    """(image URL, class index) for ``url/<class>/<image>``, classes and files in sorted order."""
-    classes = [c for c in storage.listdir(url) if not c.startswith(".") and not c.lower().endswith(IMAGE_EXTENSIONS)]
-    items = [(storage.join(url, c, f), label) for label, c in enumerate(classes)
-             for f in storage.listdir(storage.join(url, c)) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not items:
-        raise FileNotFoundError(
-            f"no images under {url!r}: expected an ImageFolder (url/<class>/<image>.jpg); "
-            "for the demo run `nextscale make-demo-data data/demo`"
-        )
-    return items
-
-
-def resize_shorter(img: Image.Image, side: int) -> Image.Image:
-    """Resize (Lanczos) so that the shorter side is ``side`` pixels."""
-    w, h = img.size
-    if min(w, h) == side:
-        return img
-    s = side / min(w, h)
-    return img.resize((max(side, round(w * s)), max(side, round(h * s))), Image.LANCZOS)
-
-
-def to_tensor(img: Image.Image) -> Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def center_crop(img: Image.Image, side: int) -> Image.Image:
-    w, h = img.size
-    left, top = (w - side) // 2, (h - side) // 2
-    return img.crop((left, top, left + side, top + side))
+from nextscale.images import center_view, open_image, resize_shorter, to_float
 
 
 class ImageFolderDataset(Dataset):
@@ -68,7 +31,7 @@ class ImageFolderDataset(Dataset):
         self.items = items
         self.image_size = image_size
         self.train = train
-        self.base_size = round(image_size * crop_ratio) if train else image_size
+        self.base_size = round(image_size * crop_ratio)
         self.hflip = hflip and train
         self.seed = seed
         self.epoch = 0
@@ -78,23 +41,18 @@ class ImageFolderDataset(Dataset):
         return len(self.items)
 
     def _load(self, i: int) -> Image.Image:
-        url = self.items[i][0]
-        try:
-            img = Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"cannot decode image {url}: {e}; remove or replace the file") from e
-        img = resize_shorter(img, self.base_size)
-        return img if self.train else center_crop(img, self.image_size)
+        img = open_image(self.items[i][0])
+        return resize_shorter(img, self.base_size) if self.train else center_view(img, self.image_size)
 
     def __getitem__(self, i: int) -> Tensor:
         img = self._cache[i] if self._cache is not None else self._load(i)
         if not self.train:
-            return to_tensor(img)
+            return torch.from_numpy(to_float(np.asarray(img)))
         rng = np.random.default_rng((self.seed, self.epoch, i))
         w, h = img.size
         left, top = int(rng.integers(0, w - self.image_size + 1)), int(rng.integers(0, h - self.image_size + 1))
         img = img.crop((left, top, left + self.image_size, top + self.image_size))
-        x = to_tensor(img)
+        x = torch.from_numpy(to_float(np.asarray(img)))
         if self.hflip and rng.random() < 0.5:
             x = x.flip(-1)
         return x
