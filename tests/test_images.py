@@ -1,6 +1,12 @@
-"""nextscale.images: the preprocessing is torchvision's as the official VAR code uses it, bit for bit."""
+"""nextscale.images: the preprocessing is torchvision's as the official VAR code uses it, bit for bit; the
+listing accounts for every entry on disk or stops naming what it cannot read."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +16,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from nextscale.images import center_view, make_views, resize_shorter, to_float
+from nextscale.images import InputError, center_view, list_image_folder, make_views, resize_shorter, to_float
 
 # landscape, portrait, odd and even margins, already at size, smaller than the target (upsampling)
 SIZES = [(90, 70), (70, 90), (257, 300), (301, 256), (64, 64), (72, 72), (40, 50), (101, 77)]
@@ -60,3 +66,89 @@ def test_to_float_equals_totensor_and_normalize_01_into_pm1():
     assert ours.dtype == torch.float32 and torch.equal(ours, official)
     batch = np.stack([np.asarray(img)] * 2)
     assert torch.equal(torch.from_numpy(to_float(batch))[1], official)
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing: every entry on disk is an item (accepted or rejected with its reason), or the listing stops
+
+
+def _tree(root: Path, files: list[str]) -> None:
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_listing_accounts_for_every_entry_on_disk(tmp_path):
+    root = tmp_path / "in"
+    _tree(root, ["a/1.jpg", "a/sub/2.png", "a/.DS_Store", "b/3.JPEG", "b/notes.txt", ".hidden.jpg",
+                 ".cache/x.jpg", ".cache/y.jpg", "stray.jpg"])
+    (root / "a" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")  # broken link inside a class
+    (root / "loop").symlink_to("loop")  # a link to itself: neither file nor folder
+    items, classes = list_image_folder(str(root))
+    assert classes == ["a", "b"]
+    got = {it["key"]: (it["label"], it["reason"].split(" (")[0].split(":")[0]) for it in items}
+    assert got == {
+        "_cache": (-1, "hidden"), "_hidden_jpg": (-1, "hidden"), "a/_DS_Store": (0, "hidden"),
+        "a/1": (0, ""), "a/gone": (0, "neither a file nor a folder"), "a/sub/2": (0, ""),
+        "b/3": (1, ""), "b/notes": (1, "not an image file"), "loop": (-1, "neither a file nor a folder"),
+        "stray": (-1, "not inside a class folder"),
+    }
+    # on disk: 11 entries at the level the listing stops (a hidden folder is one entry, not entered)
+    on_disk = [p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()]
+    assert len(items) == len([p for p in on_disk if ".cache" not in p.parts]) + 1
+    assert [it["source"] for it in items if it["key"] == "a/1"] == [str(root / "a" / "1.jpg")]
+
+
+def test_an_empty_class_folder_stops_the_listing_or_keeps_its_index(tmp_path, caplog):
+    root = tmp_path / "in"
+    _tree(root, ["a/1.jpg", "c/2.jpg", "d/readme.txt"])
+    (root / "b").mkdir()
+    with pytest.raises(InputError, match=r"class folder\(s\) 'b', 'd' under .* hold no image file"):
+        list_image_folder(str(root))
+    # with a class list every class keeps its index, and the empty ones are named in the log
+    items, classes = list_image_folder(str(root), ["a", "b", "c", "d"])
+    assert {it["key"]: it["label"] for it in items if not it["reason"]} == {"a/1": 0, "c/2": 2}
+    assert "2 of 4 classes have no image" in caplog.text and "b, d" in caplog.text
+
+
+def _in_child_as_nobody(fn) -> str:
+    """fn() in a forked child that dropped root (uid/gid 65534): the permission checks root skips apply there."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = f"{type(e).__name__}: {e}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return f.read()
+
+
+def test_an_unreadable_class_folder_stops_the_listing_naming_it():
+    root = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp folders are private to root; this one is not
+    try:
+        os.chmod(root, 0o755)
+        _tree(root, ["a/1.jpg", "b/2.jpg"])
+        list_image_folder(str(root))  # readable: fine (and every module the child needs is imported)
+        os.chmod(root / "b", 0)
+
+        def attempt() -> str:
+            try:
+                list_image_folder(str(root))
+                return "listed"
+            except InputError as e:
+                return f"InputError: {e}"
+
+        out = attempt() if os.geteuid() != 0 else _in_child_as_nobody(attempt)
+        assert out.startswith(f"InputError: cannot list folder '{root / 'b'}' (PermissionError"), out
+        assert "fix its permissions" in out
+    finally:
+        os.chmod(root / "b", 0o755)
+        shutil.rmtree(root)
