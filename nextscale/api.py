@@ -43,12 +43,12 @@ def load_tokenizer(source: str, preset: str = "vae_ch160v4096z32", *, seed: int 
     - a ``tokenizer.pt`` from ``nextscale train-tokenizer``, or a folder from :func:`save_pretrained`;
     - a preset name: seeded random weights (tests, trying the API offline).
     """
-    from nextscale.tokenize.encode import load_job_tokenizer
+    from nextscale.tokenize.convert import load_tokenizer as load_tokenizer_file
 
     if is_pretrained(source):
         model = from_pretrained(source, "vqvae")
     else:
-        model, _ = load_job_tokenizer(source, preset=preset, seed=seed)
+        model, _ = load_tokenizer_file(source, preset=preset, seed=seed)
     return model.to(_device(device))
 
 
@@ -110,7 +110,7 @@ def sample(prior: VAR, tokenizer: VQVAE, classes: Sequence[int] | Tensor, *, see
 
 def _as_batch(tokenizer: VQVAE, images: Image.Image | Sequence[Image.Image] | Tensor | np.ndarray) -> Tensor:
     """Images -> float (B, 3, S, S) in [-1, 1] on the tokenizer's device."""
-    from nextscale.tokenize.preprocess import make_views, to_float, to_rgb
+    from nextscale.images import make_views, to_float, to_rgb
 
     s = tokenizer.cfg.image_size
     if isinstance(images, Image.Image):
@@ -120,7 +120,7 @@ def _as_batch(tokenizer: VQVAE, images: Image.Image | Sequence[Image.Image] | Te
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"image tensors must be (B, 3, H, W), got {tuple(x.shape)}")
         if x.dtype == torch.uint8:
-            x = x.float().div(127.5).sub(1)
+            x = torch.from_numpy(to_float(x.permute(0, 2, 3, 1).numpy()))
         return x.to(_model_device(tokenizer), torch.float32)
     views = [make_views(to_rgb(im), "", image_size=s, views=1, augmentation="center", seed=0)[0] for im in images]
     x = torch.from_numpy(to_float(np.stack(views))) if views else torch.zeros(0, 3, s, s)

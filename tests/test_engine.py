@@ -213,7 +213,7 @@ def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):
 def test_mvar_trains_resumes_bit_for_bit_and_samples(codes, tmp_path):
     from nextscale.prior.mvar import MVAR
     from nextscale.prior.sample import sample_codes
-    from nextscale.tokenize.encode import load_job_tokenizer
+    from nextscale.tokenize.convert import load_tokenizer
 
     extra = ("model.preset=mvar_golden_tiny", "steps=4", "ckpt_every=2", "optim.lr=3e-3", "optim.warmup_steps=2",
              "model.overrides.drop_path_rate=0.1")  # condition dropout + drop path: the RNG must resume too
@@ -230,7 +230,7 @@ def test_mvar_trains_resumes_bit_for_bit_and_samples(codes, tmp_path):
 
     mvar = load_prior(os.path.join(tmp_path, "cut", "prior.pt"))
     assert isinstance(mvar, MVAR) and mvar.cfg.arch == "mvar"
-    quantizer = load_job_tokenizer(os.path.join(os.path.dirname(codes), "tokenizer.pt"))[0].quantize
+    quantizer = load_tokenizer(os.path.join(os.path.dirname(codes), "tokenizer.pt"))[0].quantize
     draws = [sample_codes(mvar, quantizer, torch.tensor([2, 5]), generator=torch.Generator().manual_seed(1))
              for _ in range(2)]
     assert draws[0].shape == (2, 30) and torch.equal(draws[0], draws[1]) and int(draws[0].max()) < 64

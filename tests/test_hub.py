@@ -32,7 +32,7 @@ def test_official_weights_load_from_hf_urls_and_are_downloaded_once(hub):
     _put(hub, "hf://FoundationVision/var/vae_tiny.pth", vae.state_dict())
     _put(hub, "hf://FoundationVision/var/var_tiny.pth", var.state_dict())
 
-    got = load_tokenizer("hf://FoundationVision/var/vae_tiny.pth", "golden_tiny").state_dict()
+    got = load_tokenizer("hf://FoundationVision/var/vae_tiny.pth", preset="golden_tiny")[0].state_dict()
     assert all(torch.equal(v, got[k]) for k, v in vae.state_dict().items())
     prior = load_prior("hf://FoundationVision/var/var_tiny.pth", "golden_tiny").state_dict()
     assert all(torch.equal(v, prior[k]) for k, v in var.state_dict().items())
