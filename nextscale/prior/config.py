@@ -115,7 +115,9 @@ class PriorTrainConfig:
                                                              "the official README runs); CPU always runs fp32")
     compile: bool = doc(False, "torch.compile the model")
     log_every: int = doc(50, "steps between metric logs/reports")
-    ckpt_every: int = doc(1000, "steps between checkpoints (and one at the end)")
+    ckpt_every: int = doc(1000, "steps between checkpoints (and one at the end); each also draws {output}/curves.png")
+    sample_every: int = doc(1000, "steps between sample grids {output}/samples/step-N.png (fixed classes and "
+                                  "seeds, so successive grids compare); 0 = none")
     keep_checkpoints: int = doc(2, "checkpoints kept (older ones are deleted)")
     output: str = doc("runs/prior", "output URL: prior.pt, metrics.jsonl, config.yaml, checkpoints")
     seed: int = doc(0, "seed of the initial weights and of condition dropout / drop path")
@@ -134,6 +136,7 @@ class PriorTrainConfig:
         require(self.steps >= 0 and self.epochs >= 0, "steps and epochs must be >= 0")
         require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         require(self.ckpt_every >= 1, f"ckpt_every={self.ckpt_every} must be >= 1")
+        require(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0 (0 = no sample grids)")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = in-process, no Ray)")
         require(self.max_failures >= -1, f"max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")

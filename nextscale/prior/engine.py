@@ -11,6 +11,7 @@ The end writes ``{output}/prior.pt`` ({"config": VARConfig, "state_dict": ...}),
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -26,9 +27,10 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from nextscale import checkpoint, storage
+from nextscale import checkpoint, progress, storage
 from nextscale.codes import Manifest
 from nextscale.config import dump_yaml, to_dict
+from nextscale.eval import plots
 from nextscale.logs import WandbRun
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
@@ -36,7 +38,7 @@ from nextscale.prior.optim import Schedule, build_optimizer
 from nextscale.runtime import TrainContext
 from nextscale.tokenize.convert import load_tokenizer, weights_sha256
 from nextscale.tokenize.scales import scale_slices, split_codes
-from nextscale.tokenize.vqvae import MultiScaleQuantizer, VQVAEConfig
+from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,19 @@ def load_quantizer(cfg: PriorTrainConfig, manifest: Manifest,
                    device: torch.device) -> tuple[MultiScaleQuantizer, VQVAEConfig, dict]:
     """(frozen quantizer, tokenizer config, tokenizer identity as the manifest records it) for the codes.
 
+    Only the codebook and the Phi convs are kept: the encoder and decoder are dropped at once.
+    """
+    vqvae, ident = load_codes_tokenizer(cfg, manifest)
+    quantizer = vqvae.quantize.to(device).eval().requires_grad_(False)
+    log.info("teacher-forcing input from the quantizer of tokenizer %s", ident["source"])
+    return quantizer, vqvae.cfg, ident
+
+
+def load_codes_tokenizer(cfg: PriorTrainConfig, manifest: dict) -> tuple[VQVAE, dict]:
+    """(VQVAE on the CPU, identity + "source") of the tokenizer the codes were made with.
+
     ``data.tokenizer_url`` if set, else what the manifest records: the tokenizer file, or the seed of a
-    random-init preset (rebuilt identically). Its sha256 must match the manifest's. Only the codebook and
-    the Phi convs are kept: the encoder and decoder are dropped at once.
+    random-init preset (rebuilt identically). Its sha256 must match the manifest's.
     """
     tok = manifest.tokenizer
     if cfg.data.tokenizer_url:
@@ -91,9 +103,7 @@ def load_quantizer(cfg: PriorTrainConfig, manifest: Manifest,
         raise ValueError(f"tokenizer {source} (sha256 {ident['sha256'][:12]}…) is not the one the codes in "
                          f"{cfg.data.url} were made with (sha256 {recorded[:12]}…); point data.tokenizer_url at "
                          "that file or re-run `nextscale tokenize` with this tokenizer")
-    quantizer = vqvae.quantize.to(device).eval().requires_grad_(False)
-    log.info("teacher-forcing input from the quantizer of tokenizer %s", source)
-    return quantizer, vqvae.cfg, {**ident, "source": source}
+    return vqvae, {**ident, "source": source}
 
 
 def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: Manifest) -> VARConfig:
@@ -243,12 +253,19 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     flops = flops_per_image(var_cfg)
     peak = peak_flops(device, cfg.precision)
     wandb = WandbRun(cfg.wandb, run_id=run_id(cfg.output), config=cfg, rank=rank)
+    # rank 0 samples on its own: impossible on a sharded (FSDP) model, whose forward needs every rank
+    decoder = functools.cache(lambda: load_codes_tokenizer(cfg, manifest)[0].to(device).eval())
+    samples = plots.TrainingPictures(
+        cfg.output, "samples", cfg.sample_every if rank == 0 and not checkpoint.is_sharded(model) else 0,
+        lambda _: plots.prior_sample_grid(model, decoder(), plots.grid_classes(var_cfg.num_classes), seed=cfg.seed),
+        wandb, caption="fixed classes and seeds")
     log.info("VAR %s: %.1f M parameters, %.1f GFLOP per image (fwd+bwd), L=%d; %d steps of %d images on %d "
              "worker(s) from step %d; peak lr %.2e, warm-up %d steps", cfg.model.preset, n_params / 1e6, flops / 1e9,
              var_cfg.num_tokens, total_steps, global_batch, world, step, schedule.peak_lr, schedule.warmup_steps)
 
     loss_sum = torch.zeros((), device=device)
     n_window, t_window, t_train, metrics = 0, time.perf_counter(), 0.0, {}
+    t_loop = t_window  # ETA from wall time: checkpoints and sample grids included
     grad_norm = torch.zeros((), device=device)
     while step < total_steps:
         codes_BL, label_B = next(batches)
@@ -282,9 +299,10 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
                            tokens_per_s=img_s * var_cfg.num_tokens,
                            mfu=flops * img_s / (peak * world) if peak else float("nan"))
             history.append(metrics)
-            log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s", step,
+            log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s %s %s", step,
                      total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], lr,
-                     metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "")
+                     metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "",
+                     progress.eta(step - start_step, total_steps - start_step, time.perf_counter() - t_loop), progress.peak_memory(device))
             wandb.log(metrics, step=step)
             loss_sum.zero_()
             n_window = 0
@@ -293,8 +311,14 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
             else:
                 ctx.report(metrics)
             t_window = time.perf_counter()
+        t_window += samples(step)  # sampling time is left out of the throughput
 
     summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops)
+    if rank == 0:
+        summary["pictures"] = {"curves": storage.join(cfg.output, "curves.png"),
+                               "samples": samples.where if samples.every else None}
+        log.info("pictures: loss / accuracy / lr / grad-norm curves in %s, sample grids in %s",
+                 summary["pictures"]["curves"], samples.where)
     wandb.finish()
     return summary
 
@@ -356,6 +380,7 @@ def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, mo
 
 def _write_metrics(output: str, history: list[dict]) -> None:
     storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
+    plots.write_curves(storage.join(output, "curves.png"), history, plots.PRIOR_CURVES)
 
 
 def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> None:

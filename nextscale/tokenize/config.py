@@ -96,7 +96,10 @@ class TokenizerTrainConfig:
     loss: TokenizerLossConfig = doc(TokenizerLossConfig(), "loss weights")
     ema_decay: float = doc(0.999, "EMA of the weights, the one exported (0 = export the raw weights)")
     log_every: int = doc(50, "steps between metric reports")
-    ckpt_every: int = doc(500, "steps between checkpoints (and at the end)")
+    ckpt_every: int = doc(500, "steps between checkpoints (and at the end); each also writes metrics.jsonl and "
+                               "curves.png")
+    sample_every: int = doc(500, "steps between reconstruction strips {output}/reconstructions/step-N.png of fixed "
+                                 "held-out images; 0 = none")
     output: str = doc("runs/tokenizer", "output URL: tokenizer.pt, tokenizer_eval.json, config.yaml, checkpoints/")
     seed: int = doc(0, "seed of weights, data order and augmentation")
     num_workers: int = doc(1, "Ray Train workers (data-parallel ranks)")
@@ -113,6 +116,7 @@ class TokenizerTrainConfig:
                 "set model.overrides.image_size (with matching patch_nums) or data.image_size=0")
         require(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must be in [0, 1)")
         require(self.log_every >= 1 and self.ckpt_every >= 1, "log_every and ckpt_every must be >= 1")
+        require(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0 (0 = no pictures)")
         require(self.num_workers >= 1, f"num_workers={self.num_workers} must be >= 1")
 
     def vqvae_config(self) -> VQVAEConfig:

@@ -24,8 +24,9 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nextscale import checkpoint, storage
+from nextscale import checkpoint, progress, storage
 from nextscale.config import dump_yaml, to_dict
+from nextscale.eval import plots
 from nextscale.images import accepted_images, list_image_folder
 from nextscale.logs import WandbRun
 from nextscale.runtime import TrainContext
@@ -137,7 +138,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
                          "worker; lower data.batch_size or add images")
 
     restart_gen = torch.Generator().manual_seed(cfg.seed + 7)
-    step = 0
+    step, history = 0, []
     restore_dir = ctx.restore()
     if restore_dir:
         state = checkpoint.load(restore_dir)
@@ -148,11 +149,19 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             disc.load_state_dict(state["disc"])
             disc_opt.load_state_dict(state["disc_opt"])
         restart_gen.set_state(state["restart_gen"])
-        step = state["step"]
+        step, history = state["step"], state.get("history", [])
         checkpoint.set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
         log.info("resumed tokenizer training at step %d", step)
 
     wandb = WandbRun(cfg.wandb, run_id=f"tokenizer-{abs(hash(cfg.output)) % 10**8}", config=cfg, rank=ctx.rank)
+    # the same few held-out images at every step (training images when there are none), center-cropped
+    strip_items = (val_items or train_items)[:: max(1, len(val_items or train_items) // plots.STRIP_IMAGES)]
+    strip_img = torch.stack(list(ImageFolderDataset(strip_items[: plots.STRIP_IMAGES], vq_cfg.image_size,
+                                                    train=False))).to(device) if ctx.rank == 0 and cfg.sample_every else None
+    strips = plots.TrainingPictures(
+        cfg.output, "reconstructions", cfg.sample_every if ctx.rank == 0 else 0,
+        lambda _: plots.reconstruction_strip(ema if cfg.ema_decay > 0 else model, strip_img), wandb,
+        caption="original, then decoded from the first 1, 2, ... scales")
     last_layer = model.decoder.conv_out.weight
     window: dict[str, float] = {}
     metrics: dict[str, float] = {}
@@ -171,6 +180,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             epoch, start = epoch + 1, 0
 
     data_iter = batches()
+    start_step, t_run = step, time.time()
     while step < cfg.optim.steps:
         img = next(data_iter).to(device, non_blocking=True)
         lr = lr_at(step, cfg)
@@ -232,20 +242,26 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
                 dead_codes=int((usage_V < cfg.loss.dead_code_threshold).sum()),
                 images_per_s=n_window * cfg.data.batch_size * ctx.world_size / max(1e-9, time.time() - t_window),
             )
-            log.info("step %d/%d loss %.4f psnr %.2f dB vq %.4f codebook usage %.3f (%d dead) lr %.2e",
+            log.info("step %d/%d loss %.4f psnr %.2f dB vq %.4f codebook usage %.3f (%d dead) lr %.2e %.1f img/s %s %s",
                      step, cfg.optim.steps, metrics["loss"], metrics["psnr_db"], metrics["vq_loss"],
-                     metrics["codebook_usage"], metrics["dead_codes"], lr)
+                     metrics["codebook_usage"], metrics["dead_codes"], lr, metrics["images_per_s"],
+                     progress.eta(step - start_step, cfg.optim.steps - start_step, time.time() - t_run),
+                     progress.peak_memory(device))
             wandb.log(metrics, step=step)
+            history.append(metrics)
             window, n_window, t_window = {}, 0, time.time()
+        if is_ckpt and ctx.rank == 0:
+            _write_metrics(cfg.output, history)
         if is_ckpt:
             _checkpoint(ctx, metrics, {
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "disc": disc.state_dict() if disc is not None else None,
                 "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
-                "restart_gen": restart_gen.get_state(), "step": step, "config": to_dict(cfg),
+                "restart_gen": restart_gen.get_state(), "step": step, "config": to_dict(cfg), "history": history,
             })
         elif step % cfg.log_every == 0:
             ctx.report(metrics)
+        t_window += strips(step)  # drawing time is left out of the throughput
 
     # CPU time next to wall time: on a shared machine the wall clock says little about the cost
     summary = {"steps": step, "train_minutes": (time.time() - t_start) / 60,
@@ -265,11 +281,20 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             summary.update(val_psnr_db=evaluation["psnr_db"], val_codebook_usage=evaluation["codebook_usage"],
                            val_dead_codes=evaluation["dead_codes"])
         summary["tokenizer_url"] = storage.join(cfg.output, "tokenizer.pt")
+        summary["pictures"] = {"curves": storage.join(cfg.output, "curves.png"),
+                               "reconstructions": strips.where if strips.every else None}
+        log.info("pictures: PSNR / codebook-usage / loss curves in %s, reconstruction strips in %s",
+                 summary["pictures"]["curves"], summary["pictures"]["reconstructions"])
         log.info("tokenizer trained: %d steps in %.1f min; held-out PSNR %.2f dB, codebook usage %.1f %%; wrote %s",
                  step, summary["train_minutes"], summary.get("val_psnr_db", float("nan")),
                  100 * summary.get("val_codebook_usage", float("nan")), summary["tokenizer_url"])
     wandb.finish()
     return summary
+
+
+def _write_metrics(output: str, history: list[dict]) -> None:
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
+    plots.write_curves(storage.join(output, "curves.png"), history, plots.TOKENIZER_CURVES)
 
 
 def _checkpoint(ctx: TrainContext, metrics: dict, state: dict) -> None:

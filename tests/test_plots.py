@@ -1,0 +1,120 @@
+"""Pictures and curves during training: curves.png, prior sample grids, tokenizer reconstruction strips."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prior_codes import write_codes
+
+from nextscale.config import load_config
+from nextscale.eval import plots
+from nextscale.prior.config import PriorTrainConfig
+from nextscale.prior.engine import train_prior
+from nextscale.runtime import LocalContext
+from nextscale.tokenize.config import TokenizerTrainConfig
+from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.train import train_tokenizer
+from nextscale.tokenize.vqvae import build_vqvae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+
+
+def _rows(n: int, scale: float = 1.0) -> list[dict]:
+    return [{"step": 10 * (i + 1), "loss": scale * 4.0 / (i + 1), "acc_first": 0.1 * i, "acc_last": 0.05 * i,
+             "lr": 1e-3, "grad_norm": float("nan") if i == 2 else 1.0 + i} for i in range(n)]
+
+
+def test_curves_have_the_panel_layout_size_and_follow_the_data():
+    w, h = plots.PANEL_SIZE
+    image = plots.draw_curves(_rows(6), plots.PRIOR_CURVES)
+    assert image.shape == (2 * h, 2 * w, 3) and image.dtype == np.uint8
+    assert not (image == plots.draw_curves(_rows(6, scale=2.0), plots.PRIOR_CURVES)).all()
+    assert (image == plots.draw_curves(_rows(6), plots.PRIOR_CURVES)).all()
+    # panels whose keys never occur are left out: 3 of the tokenizer's 6 here -> 2 lines of 2
+    tok = plots.draw_curves([{"step": 1, "psnr_db": 12.0, "loss": 1.0, "lr": 1e-3}], plots.TOKENIZER_CURVES)
+    assert tok.shape == (2 * h, 2 * w, 3)
+    with pytest.raises(ValueError, match="no values"):
+        plots.draw_curves([{"step": 1}], plots.PRIOR_CURVES)
+
+
+def test_grid_classes_are_spread_and_fixed():
+    assert plots.grid_classes(1000) == [0, 125, 250, 375, 500, 625, 750, 875]
+    assert plots.grid_classes(3) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("codes")
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), str(root / "tokenizer.pt"))
+    return write_codes(str(root / "codes"), str(root / "tokenizer.pt"), num_samples=16, views=1, seed=0)
+
+
+def _prior_cfg(codes: str, out: Path, *extra: str) -> PriorTrainConfig:
+    return load_config(PriorTrainConfig, None, [
+        f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "steps=4", "log_every=1",
+        "ckpt_every=2", f"output={out}", "num_workers=0", "optim.lr=1e-2", *extra])
+
+
+def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(codes, tmp_path):
+    cfg = _prior_cfg(codes, tmp_path / "a", "sample_every=2")
+    summary = train_prior(cfg, LocalContext(cfg.output))
+    out = tmp_path / "a"
+    assert summary["pictures"] == {"curves": str(out / "curves.png"), "samples": str(out / "samples")}
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    first, last = _png(out / "samples" / "step-00000002.png"), _png(out / "samples" / "step-00000004.png")
+    # 8 classes x 4 samples of 64 px with 2-px padding
+    assert first.shape == last.shape == (8 * 64 + 9 * 2, 4 * 64 + 5 * 2, 3)
+    assert not (first == last).all()  # same seeds, trained weights: the grid moves with the model
+    w, h = plots.PANEL_SIZE
+    assert _png(out / "curves.png").shape == (2 * h, 2 * w, 3)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (_png(out / "curves.png") == plots.draw_curves(rows, plots.PRIOR_CURVES)).all()
+
+    # sampling between steps touches no training random numbers: the weights equal a run without pictures
+    plain = _prior_cfg(codes, tmp_path / "b", "sample_every=0")
+    assert train_prior(plain, LocalContext(plain.output))["pictures"]["samples"] is None
+    a = torch.load(out / "prior.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "b" / "prior.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "samples").exists()
+
+
+def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
+    from nextscale.demo_data import make_demo_data
+
+    make_demo_data(str(tmp_path / "data"), counts={"train": 1, "val": 1})
+    cfg = load_config(TokenizerTrainConfig, None, [
+        f"data.url={tmp_path}/data/train", f"data.val_url={tmp_path}/data/val", "data.batch_size=4",
+        "data.num_workers=0", "model.overrides.image_size=16", "model.overrides.patch_nums=1,2,4",
+        "model.overrides.vocab_size=32", "model.overrides.z_channels=8", "model.overrides.using_sa=false",
+        "optim.steps=4", "optim.warmup=1", "optim.lr=3e-3", "ema_decay=0", "log_every=1", "ckpt_every=2",
+        "sample_every=2", f"output={tmp_path / 'run'}"])
+    summary = train_tokenizer(cfg, LocalContext(cfg.output))
+    out = tmp_path / "run"
+    assert summary["pictures"]["reconstructions"] == str(out / "reconstructions")
+    first, last = (_png(out / "reconstructions" / f"step-0000000{s}.png") for s in (2, 4))
+    # 4 held-out images; columns: the original + 3 scales; 16-px tiles shown at 64 px
+    assert first.shape == last.shape == (4 * 64 + 5 * 2, 4 * 64 + 5 * 2, 3)
+    assert (first[:, : 64 + 2] == last[:, : 64 + 2]).all()  # the originals do not change
+    assert not (first[:, 64 + 2:] == last[:, 64 + 2:]).all()  # the reconstructions do
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("psnr_db" in r for r in rows)
+    w, h = plots.PANEL_SIZE
+    assert _png(out / "curves.png").shape == (3 * h, 2 * w, 3)  # PSNR, usage, losses, total, lr
