@@ -31,6 +31,7 @@ from nextscale.eval.edit import edit_rows
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import load_models, resolve_device, sample_batch, seeded_generator
 from nextscale.logs import WandbRun
+from nextscale.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def png_bytes(image_HWC: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_grid(var, vqvae, cfg: SampleConfig, device: torch.device) -> list[list[Tensor]]:
+def sample_grid(var, vqvae, cfg: SampleConfig, device: torch.device, progress: Progress | None = None) -> list[list[Tensor]]:
     rows = []
     for c in cfg.classes:
         if c >= var.num_classes:
@@ -72,11 +73,14 @@ def sample_grid(var, vqvae, cfg: SampleConfig, device: torch.device) -> list[lis
             _, img = sample_batch(var, vqvae, [c], seeded_generator(device, cfg.seed, 0, c, j), cfg=cfg.cfg,
                                   top_k=cfg.top_k, top_p=cfg.top_p, more_smooth=cfg.more_smooth)
             row.append(img[0])
+            if progress is not None:
+                progress.update()
         rows.append(row)
     return rows
 
 
-def coarse_to_fine(var, vqvae, cfg: SampleConfig, device: torch.device) -> list[list[Tensor]]:
+def coarse_to_fine(var, vqvae, cfg: SampleConfig, device: torch.device,
+                   progress: Progress | None = None) -> list[list[Tensor]]:
     """Row r: class classes[r % len(classes)], decoded after 1, 2, ..., S scales."""
     rows = []
     for r in range(cfg.coarse_to_fine):
@@ -85,6 +89,8 @@ def coarse_to_fine(var, vqvae, cfg: SampleConfig, device: torch.device) -> list[
                                 top_k=cfg.top_k, top_p=cfg.top_p)
         S = len(vqvae.cfg.patch_nums)
         rows.append([to_uint8(vqvae.decode(codes, num_scales=k).add(1).mul(0.5))[0] for k in range(1, S + 1)])
+        if progress is not None:
+            progress.update()
     return rows
 
 
@@ -103,18 +109,19 @@ def run(cfg: SampleConfig) -> dict:
         wandb.log_image(name, image, caption=caption)
         pictures[name] = {"url": url, "height": image.shape[0], "width": image.shape[1]}
 
-    grid = tile_grid(sample_grid(var, vqvae, cfg, device), upscale=cfg.upscale, padding=cfg.padding)
-    save("grid", grid, f"classes {list(cfg.classes)}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}")
-    if cfg.coarse_to_fine:
-        save("coarse_to_fine", tile_grid(coarse_to_fine(var, vqvae, cfg, device), upscale=cfg.upscale,
-                                         padding=cfg.padding), f"scales {list(vqvae.cfg.patch_nums)}")
+    n = len(cfg.classes) * cfg.samples_per_class + cfg.coarse_to_fine
+    with Progress(n, "sample", unit="img") as progress:
+        grid = tile_grid(sample_grid(var, vqvae, cfg, device, progress), upscale=cfg.upscale, padding=cfg.padding)
+        save("grid", grid, f"classes {list(cfg.classes)}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}")
+        if cfg.coarse_to_fine:
+            save("coarse_to_fine", tile_grid(coarse_to_fine(var, vqvae, cfg, device, progress), upscale=cfg.upscale,
+                                             padding=cfg.padding), f"scales {list(vqvae.cfg.patch_nums)}")
     if cfg.edit.image:
         rows = edit_rows(var, vqvae, cfg, device)
         save("edit", tile_grid(list(rows.values()), upscale=cfg.upscale, padding=cfg.padding),
              f"rows: {', '.join(rows)} (first column: the kept pixels)")
     wandb.finish()
     seconds = time.perf_counter() - t0
-    n = len(cfg.classes) * cfg.samples_per_class + cfg.coarse_to_fine
     summary = {"pictures": pictures, "images_sampled": n, "seconds": round(seconds, 2), "device": str(device)}
     storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
     log.info("sample: %d images from %s on %s in %.1f s; wrote %s to %s", n, cfg.models.prior_url, device, seconds,

@@ -43,6 +43,7 @@ from nextscale.eval.generate import group_indices, load_models, resolve_device, 
 from nextscale.images import center_view, is_image_name, open_image, walk
 from nextscale.logs import WandbRun
 from nextscale.pipelines.common import init_ray
+from nextscale.progress import Progress
 from nextscale.tokenize.convert import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,10 @@ def _use_gpu(cfg: FidConfig) -> bool:
 def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
     """Rows of groups -> arrays indexed by sample index (pool, logits, labels, optional images)."""
     out: dict[str, np.ndarray] = {}
+    progress = Progress(n, "fid: sample + features", unit="img")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         valid = batch["index"] >= 0
+        progress.update(int(valid.sum()))
         idx = batch["index"][valid]
         for key in ("pool", "logits", "label", "image"):
             if key not in batch:
@@ -175,6 +178,7 @@ def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
                 out[key] = np.zeros((n,) + values.shape[1:], dtype=values.dtype)
             out[key][idx] = values
         out.setdefault("seen", np.zeros(n, dtype=bool))[idx] = True
+    progress.close()
     if "seen" not in out or not out["seen"].all():
         missing = np.flatnonzero(~out["seen"]) if "seen" in out else np.arange(n)
         raise RuntimeError(f"{len(missing)} samples never came back from the workers (first: {missing[:5].tolist()})")
@@ -225,9 +229,12 @@ def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict
 
 def _gather_reference(ds) -> np.ndarray:
     keys, pools = [], []
+    progress = Progress(None, "fid: reference features", unit="img")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         keys.append(batch["key"])
         pools.append(batch["pool"])
+        progress.update(len(batch["key"]))
+    progress.close()
     key, pool = np.concatenate(keys), np.concatenate(pools)
     return pool[np.argsort(key, kind="stable")]
 

@@ -32,6 +32,7 @@ from nextscale import codes, storage
 from nextscale.config import RayConfig, dump_yaml
 from nextscale.images import InputError, decode_image, list_image_folder, load_class_list, make_views
 from nextscale.pipelines.common import init_ray
+from nextscale.progress import Progress
 from nextscale.tokenize import inputs
 from nextscale.tokenize.convert import load_tokenizer, read_tokenizer
 from nextscale.tokenize.job_config import TokenizeConfig
@@ -361,6 +362,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
     pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
     expected: dict[int, int] = {}  # shard -> number of chunks, known once its last chunk arrived
     images, t_first, t_last, busy = 0, float("inf"), 0.0, 0.0
+    progress = Progress(len(todo), "tokenize", unit="shard")
     for row in ds.iter_rows():
         t_first, t_last = min(t_first, float(row["t0"])), max(t_last, float(row["t1"]))
         busy += float(row["t1"]) - float(row["t0"])
@@ -375,6 +377,8 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
             images += len(part["records"])
             log.info("wrote %s: %d samples, %d rejected", part["shard"], part["num_samples"],
                      len(part["records"]) - part["num_samples"])
+            progress.update()
+    progress.close()
     if pending:
         raise RuntimeError(f"shards {sorted(pending)} did not receive all their chunks; re-run to finish them")
     return images, {"encode_span_s": max(0.0, t_last - t_first), "encode_busy_s": busy}
