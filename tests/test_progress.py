@@ -38,6 +38,7 @@ def test_bar_on_a_terminal_and_off(capsys, caplog, monkeypatch):
     err = capsys.readouterr().err
     assert "tokenize" in err and "2/4" in err and "shard/s" in err
     caplog.set_level(logging.INFO, logger="nextscale.progress")
+    caplog.clear()
     monkeypatch.setenv("NEXTSCALE_PROGRESS", "off")
     with Progress(4, "quiet") as p:
         p.update(4)
