@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import tarfile
+import time
 import typing
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -39,12 +40,22 @@ MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 PARTS = "parts"
 CODES_EXT, CLS_EXT = "codes.npy", "cls"
+READ_ATTEMPTS = 5       # tries per shard read before the reader fails
+READ_BACKOFF_S = 1.0    # wait before the 2nd try; doubles after each (1 + 2 + 4 + 8 s in all)
 RETOKENIZE = "re-run `nextscale tokenize` with this output (it resumes, rewrites what is damaged and writes the " \
              "manifest last)"
 
 
 class CodesError(ValueError):
     """Codes are missing, damaged or do not fit; the message names the file and the fix."""
+
+
+class ReadFailed(OSError):
+    """Storage failed while a shard was read (connection dropped, 5xx, timeout): a retry may succeed."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # webdataset appends its stream objects to ``args`` on the way up
 
 
 class ManifestMismatch(CodesError):
@@ -133,7 +144,12 @@ class _HashingStream:
         self.stream, self.hash = stream, hashlib.sha256() if hashed else None
 
     def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
+        try:
+            data = self.stream.read(n)
+        except PermissionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the storage client raises mid-stream is worth a retry
+            raise ReadFailed(f"{type(e).__name__}: {e}") from e
         if self.hash is not None:
             self.hash.update(data)
         return data
@@ -158,7 +174,13 @@ def iter_shard(url: str, *, num_samples: int | None = None, sha256: str | None =
 
     n = 0
     try:
-        with storage.open_read(url) as raw:
+        try:
+            raw = storage.open_read(url)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - see _HashingStream.read
+            raise ReadFailed(f"{type(e).__name__}: {e}") from e
+        with raw:
             stream = _HashingStream(raw, hashed=sha256 is not None)
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                 key, codes_KL = sample["__key__"], decode_codes(sample[CODES_EXT])
@@ -184,11 +206,27 @@ def iter_shard(url: str, *, num_samples: int | None = None, sha256: str | None =
                          f"the shard changed after it was written; {RETOKENIZE}")
 
 
-def read_shard(url: str, *, num_samples: int | None = None, sha256: str | None = None,
-               vocab_size: int | None = None) -> list[tuple[str, np.ndarray, int]]:
+def read_shard(url: str, *, num_samples: int | None = None, sha256: str | None = None, vocab_size: int | None = None,
+               attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S) -> list[tuple[str, np.ndarray, int]]:
     """Every sample of one shard, verified like :func:`iter_shard` before any is returned, so that a
-    damaged shard never hands out a sample (one shard of codes is a few MB)."""
-    return list(iter_shard(url, num_samples=num_samples, sha256=sha256, vocab_size=vocab_size))
+    damaged shard never hands out a sample (one shard of codes is a few MB).
+
+    A storage error while reading (:class:`ReadFailed`) is retried ``attempts`` times in all, waiting
+    ``backoff_s``, then twice as long each time. Shards are immutable and nothing of a failed read was handed
+    out, so a retry reads the same samples again and the caller sees exactly what an undisturbed read gives.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return list(iter_shard(url, num_samples=num_samples, sha256=sha256, vocab_size=vocab_size))
+        except ReadFailed as e:
+            if attempt == attempts:
+                raise ReadFailed(f"reading {url} failed {attempts} times in a row, last: {e.reason}; check that the "
+                                 "storage is reachable, then rerun (training resumes from its latest checkpoint)") from e
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("reading %s failed (%s); retrying in %.2f s (attempt %d of %d)", url, e.reason, delay,
+                        attempt + 1, attempts)
+            time.sleep(delay)
+    raise ValueError(f"attempts={attempts} must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextscale import storage
-from nextscale.codes import Manifest, ShardInfo, read_shard
+from nextscale.codes import READ_ATTEMPTS, READ_BACKOFF_S, Manifest, ShardInfo, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class _Readers(IterableDataset):
         self.seed, self.epoch, self.views = loader.seed, loader.epoch, loader.views
         self.buffer, self.rank, self.W = loader.shuffle_buffer, loader.rank, loader.readers_per_rank
         self.verify, self.vocab_size = loader.verify, loader.manifest.vocab_size
+        self.attempts, self.backoff_s = loader.read_attempts, loader.read_backoff_s
 
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
         info = get_worker_info()
@@ -128,7 +129,8 @@ class _Readers(IterableDataset):
     def _read(self, shard: ShardInfo) -> list[tuple[str, np.ndarray, int]]:
         return read_shard(storage.join(self.root, shard.name), num_samples=shard.num_samples,
                           sha256=shard.sha256 if self.verify else None,
-                          vocab_size=self.vocab_size if self.verify else None)
+                          vocab_size=self.vocab_size if self.verify else None, attempts=self.attempts,
+                          backoff_s=self.backoff_s)
 
     def _shuffled(self, samples: Iterator, reader: int) -> Iterator:
         if self.buffer <= 1:
@@ -159,12 +161,15 @@ class CodeLoader:
     rank's; a few samples are then skipped) so DDP ranks stay in step. ``state_dict`` / ``load_state_dict``
     resume mid-epoch exactly (same rank layout, workers and batch size). ``verify`` checks every shard against
     the manifest (sha256 while it streams, codes < vocab_size) before its samples are used; a shard that
-    fails is a :class:`nextscale.codes.CodesError` naming it.
+    fails is a :class:`nextscale.codes.CodesError` naming it. A storage error while a shard is read is retried
+    ``read_attempts`` times in all with exponential backoff from ``read_backoff_s``; the batches stay exactly
+    those of an undisturbed run.
     """
 
     def __init__(self, url: str, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 2048, epoch: int = 0, drop_last: bool = False,
-                 equal_batches: bool = False, verify: bool = True):
+                 equal_batches: bool = False, verify: bool = True, read_attempts: int = READ_ATTEMPTS,
+                 read_backoff_s: float = READ_BACKOFF_S):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -172,6 +177,7 @@ class CodeLoader:
         self.url, self.batch_size, self.rank, self.world_size = url, batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.drop_last, self.equal_batches, self.verify = drop_last, equal_batches, verify
+        self.read_attempts, self.read_backoff_s = read_attempts, read_backoff_s
         self.manifest = Manifest.read(url)
         self.views = self.manifest.views
         self.readers_per_rank = max(1, num_workers)
