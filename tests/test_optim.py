@@ -93,10 +93,29 @@ def test_wrapper_prefixes_do_not_change_the_groups():
 def test_schedule_writes_lr_and_group_scaled_weight_decay():
     model = build_var("debug")
     opt = build_optimizer(model, lr=1.0, betas=(0.9, 0.95))
-    assert opt.defaults["betas"] == (0.9, 0.95) and not opt.defaults.get("fused")
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"]  # torch has a fused CPU kernel
     sched = Schedule(peak_lr=2e-4, warmup_steps=10, total_steps=100, final_ratio=0.1, wd=0.05, wd_end=0.08)
     lr, wd = sched.apply(opt, 5)
     assert lr == pytest.approx(2e-4 * (0.005 + 0.995 * 0.5)) and wd == pytest.approx(wd_at(5, start=0.05, end=0.08,
                                                                                            total_steps=100))
     assert [g["lr"] for g in opt.param_groups] == [lr, lr]
     assert [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
+
+
+def test_fused_adamw_on_cpu_equals_the_foreach_update():
+    """The fused kernel (now also on CPU) takes the same steps as the default update, to fp32 rounding."""
+    torch.manual_seed(0)
+    fused_model, plain_model = build_var("debug"), build_var("debug")
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, lr=1e-2, betas=(0.9, 0.95))
+    plain = build_optimizer(plain_model, lr=1e-2, betas=(0.9, 0.95), fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    sched = Schedule(peak_lr=1e-2, warmup_steps=0, total_steps=3, wd=0.05, wd_end=0.05)
+    for step in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            sched.apply(opt, step)
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.full_like(p, 0.01 * (i % 5 - 2)) + 0.001 * torch.arange(p.numel()).view_as(p).sin()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
