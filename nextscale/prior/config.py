@@ -69,7 +69,7 @@ class PriorOptimConfig:
     final_lr_ratio: float = doc(0.01, "final lr / peak lr (official wpe: 0.1 for d16/d20, 0.01 for d24+)")
     grad_clip: float = doc(2.0, "global gradient-norm clip (0 = off)")
     label_smoothing: float = doc(0.0, "cross-entropy label smoothing (official ls = 0)")
-    fused: bool = doc(True, "fused AdamW kernel on CUDA")
+    fused: bool = doc(True, "fused AdamW kernel (CUDA and CPU)")
 
     def __post_init__(self) -> None:
         require(self.base_lr > 0 or self.lr > 0, "optim.base_lr and optim.lr are both 0: set one of them")
@@ -113,7 +113,11 @@ class PriorTrainConfig:
     epochs: float = doc(0.0, "passes over the code shards (used when steps = 0)")
     precision: Literal["fp32", "bf16", "fp16"] = doc("bf16", "autocast dtype on GPU (fp16 adds a GradScaler, as "
                                                              "the official README runs); CPU always runs fp32")
-    compile: bool = doc(False, "torch.compile the model")
+    compile: bool = doc(False, "torch.compile the model (the whole teacher-forced forward and its backward)")
+    loss_chunk: int = doc(0, "tokens per chunk of the head + cross-entropy (recomputed in the backward), so the "
+                             "batch's fp32 logits never exist; 0 = one full-size head and F.cross_entropy")
+    prefetch: bool = doc(True, "copy the next batch to the device while the current step runs (pinned memory, "
+                               "non-blocking copies on a side stream on CUDA)")
     log_every: int = doc(50, "steps between metric logs/reports")
     ckpt_every: int = doc(1000, "steps between checkpoints (and one at the end); each also draws {output}/curves.png")
     sample_every: int = doc(1000, "steps between sample grids {output}/samples/step-N.png (fixed classes and "
@@ -145,5 +149,9 @@ class PriorTrainConfig:
         require(self.data.batch_size % ranks == 0,
                 f"data.batch_size={self.data.batch_size} is the global batch and must be divisible by "
                 f"num_workers={ranks}; change one of them")
+        require(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be >= 0 (0 = the plain loss)")
+        require(self.loss_chunk == 0 or self.strategy == "ddp",
+                "loss_chunk runs the head outside the wrapped forward, which FSDP shards; use loss_chunk=0 with "
+                "strategy=fsdp")
         require(self.strategy == "ddp" or self.num_workers >= 2,
                 f"strategy={self.strategy!r} needs num_workers >= 2; use strategy=ddp for one worker")

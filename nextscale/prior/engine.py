@@ -33,8 +33,10 @@ from nextscale.config import dump_yaml, to_dict
 from nextscale.eval import plots
 from nextscale.logs import WandbRun
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
+from nextscale.prior.loss import head_cross_entropy
 from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
 from nextscale.prior.optim import Schedule, build_optimizer
+from nextscale.prior.prefetch import DevicePrefetcher
 from nextscale.runtime import TrainContext
 from nextscale.tokenize.convert import load_tokenizer, weights_sha256
 from nextscale.tokenize.scales import scale_slices, split_codes
@@ -171,8 +173,12 @@ def active_scales(step: int, total_steps: int, num_scales: int, fraction: float,
 
 def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: torch.Tensor, label_B: torch.Tensor,
               patch_nums: tuple[int, ...], scales: int, amp_dtype: torch.dtype | None,
-              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean per-token CE, logits (B, l, V)) of one teacher-forced batch over the first ``scales`` scales."""
+              label_smoothing: float, loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-token CE, predicted tokens (B, l) argmax) of one teacher-forced batch over the first ``scales``.
+
+    ``loss_chunk`` > 0: the head and the loss run on that many tokens at a time (``prior.loss``), so the
+    batch's fp32 logits never exist; ``net`` is then called with ``head=False``.
+    """
     with torch.no_grad():
         x_BlCv = quantizer.teacher_forcing_input(split_codes(codes_BL, patch_nums))
     end = scale_slices(patch_nums)[scales - 1][1]
@@ -180,10 +186,23 @@ def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: to
     x_BlCv = x_BlCv[:, : end - patch_nums[0] ** 2]
     with torch.autocast(device_type=codes_BL.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
+        if loss_chunk > 0:
+            h_BlC = net(label_B, x_BlCv, head=False)
+            loss, pred_N = head_cross_entropy(_unwrap(net).head, h_BlC.reshape(-1, h_BlC.shape[-1]),
+                                              target_Bl.reshape(-1), chunk=loss_chunk,
+                                              label_smoothing=label_smoothing)
+            return loss, pred_N.view(target_Bl.shape)
         logits_BlV = net(label_B, x_BlCv)
     loss = F.cross_entropy(logits_BlV.reshape(-1, logits_BlV.shape[-1]), target_Bl.reshape(-1),
                            label_smoothing=label_smoothing)
-    return loss, logits_BlV
+    return loss, logits_BlV.detach().argmax(-1)
+
+
+def _unwrap(net: torch.nn.Module) -> VAR:
+    """The VAR inside DDP / torch.compile wrappers."""
+    while not isinstance(net, VAR):
+        net = getattr(net, "_orig_mod", None) or net.module
+    return net
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +263,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         epoch, loader_state = state["batches"][rank]["epoch"], state["batches"][rank]["loader"]
         checkpoint.set_rng_state(state["rng"][rank])
         log.info("resumed prior training at step %d of %d", step, total_steps)
-    batches = Batches(cfg, rank, world, epoch, loader_state)
+    batches = DevicePrefetcher(Batches(cfg, rank, world, epoch, loader_state), device, enabled=cfg.prefetch)
     start_step = step
 
     if rank == 0:
@@ -269,13 +288,11 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     grad_norm = torch.zeros((), device=device)
     while step < total_steps:
         codes_BL, label_B = next(batches)
-        codes_BL = codes_BL.to(device, non_blocking=True).long()
-        label_B = label_B.to(device, non_blocking=True).long()
         scales = active_scales(step, total_steps, len(patch_nums), cfg.progressive.fraction,
                                cfg.progressive.start_scales)
         lr, wd = schedule.apply(optimizer, step)
-        loss, logits_BlV = step_loss(net, quantizer, codes_BL, label_B, patch_nums, scales, amp_dtype,
-                                     o.label_smoothing)
+        loss, pred_Bl = step_loss(net, quantizer, codes_BL, label_B, patch_nums, scales, amp_dtype,
+                                  o.label_smoothing, cfg.loss_chunk)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -290,7 +307,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
 
         is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
         if step % cfg.log_every == 0 or is_ckpt:
-            metrics = _window_metrics(loss_sum, n_window, logits_BlV, codes_BL, patch_nums, scales, world)
+            metrics = _window_metrics(loss_sum, n_window, pred_Bl, codes_BL, patch_nums, scales, world)
             dt = time.perf_counter() - t_window
             t_train += dt
             img_s = n_window * global_batch / max(dt, 1e-9)
@@ -334,14 +351,13 @@ def _check_same_family(state: dict, var_cfg: VARConfig, cfg: PriorTrainConfig, r
                          f"model.preset={saved_preset} or write to another output")
 
 
-def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, codes_BL: torch.Tensor,
+def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes_BL: torch.Tensor,
                     patch_nums: tuple[int, ...], scales: int, world: int) -> dict[str, float]:
     """Mean loss over the window and token accuracy of the first / last active scale on the last batch,
     averaged over ranks."""
     with torch.no_grad():
         slices = scale_slices(patch_nums)
         (b0, e0), (b1, e1) = slices[0], slices[scales - 1]
-        pred_Bl = logits_BlV.argmax(-1)
         acc_first = (pred_Bl[:, b0:e0] == codes_BL[:, b0:e0]).float().mean()
         acc_last = (pred_Bl[:, b1:e1] == codes_BL[:, b1:e1]).float().mean()
         vals = torch.stack([loss_sum / n, acc_first, acc_last])
@@ -353,7 +369,7 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, logits_BlV: torch.Tensor, co
 
 
 def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, model: VAR,
-                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, batches: Batches,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, batches: DevicePrefetcher,
                 history: list[dict], metrics: dict, tokenizer: dict) -> None:
     # collectives first (every rank): RNG and data positions of all ranks, full state dicts under FSDP
     rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -90,12 +91,12 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
         self.proj = nn.Linear(C, C)
-        self.caching = False
-        self.cached_k: Tensor | None = None
-        self.cached_v: Tensor | None = None
+        self.kv_caching(False)
 
-    def kv_caching(self, enable: bool) -> None:
+    def kv_caching(self, enable: bool, static_kv: Tensor | None = None) -> None:
+        """``static_kv`` (2, B, H, L, c): a preallocated cache written in place at fixed addresses (CUDA graphs)."""
         self.caching, self.cached_k, self.cached_v = enable, None, None
+        self.static_kv, self.cache_len = static_kv, 0
 
     def qkv(self, x_BlC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (normalised and scaled with attn_l2_norm), keys and values, (B, H, l, c) each."""
@@ -114,7 +115,14 @@ class SelfAttention(nn.Module):
     def forward(self, x_BlC: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
         B, l, C = x_BlC.shape
         q, k, v = self.qkv(x_BlC)
-        if self.caching:
+        if self.caching and self.static_kv is not None:
+            # the keys of scale k go to [begin_k, end_k); queries read the prefix [0, end_k), a static shape per scale
+            b, e = self.cache_len, self.cache_len + l
+            self.static_kv[0, :, :, b:e].copy_(k)
+            self.static_kv[1, :, :, b:e].copy_(v)
+            k, v = self.static_kv[0, :, :, :e], self.static_kv[1, :, :, :e]
+            self.cache_len = e
+        elif self.caching:
             if self.cached_k is not None:
                 k = torch.cat((self.cached_k, k), dim=2)
                 v = torch.cat((self.cached_v, v), dim=2)
@@ -150,9 +158,12 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * C))
         self.drop_path = DropPath(drop_path)
 
-    def incremental(self, enable: bool) -> None:
-        """Scale-by-scale sampling: each call sees one scale, the attention keeps this and earlier scales' keys."""
-        self.attn.kv_caching(enable)
+    static_kv_cache = True  # kv_caching(static_B > 0) works with this block
+
+    def incremental(self, enable: bool, static_kv: Tensor | None = None) -> None:
+        """Scale-by-scale sampling: each call sees one scale, the attention keeps this and earlier scales' keys
+        (in ``static_kv`` (2, B, H, L, c) if given)."""
+        self.attn.kv_caching(enable, static_kv)
 
     def forward(self, x_BlC: Tensor, cond: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
         """``cond`` is cond_BD, or with shared AdaLN the shared modulation (B, 1, 6, C)."""
@@ -189,9 +200,35 @@ class SharedAdaLin(nn.Linear):
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, block_mask, scale: float) -> Tensor:
+    """FlexAttention, compiled to its fused kernel off the CPU (eager on CUDA is a slow reference path)."""
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
-    return _flex(q, k, v, block_mask=block_mask, scale=scale)
+    fn = _flex if q.device.type == "cpu" or torch.compiler.is_compiling() else _compiled_flex()
+    return fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    return torch.compile(_flex, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_block_mask(attends, patch_nums: tuple[int, ...], L: int, device: torch.device | str):
+    """The FlexAttention ``BlockMask`` of the first L positions under a family's ``attends(lvl_q, lvl_kv)`` rule.
+
+    Built once per (rule, patch_nums, L, device). Its block tables list only the key blocks a query block
+    can see, so the kernel skips fully masked blocks (a VAR query of scale k never loads keys of scales > k).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lvl_L = level_index(patch_nums, device)[:L]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return attends(lvl_L[q_idx], lvl_L[kv_idx])
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +342,6 @@ class VAR(nn.Module):
         self.blocks = nn.ModuleList(self.block_class(cfg, dpr[i]) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C, self.D, cfg.norm_eps)
         self.head = nn.Linear(C, self.V)
-        self._block_masks: dict = {}
 
     @staticmethod
     def attends(lvl_q: Tensor, lvl_kv: Tensor) -> Tensor:
@@ -383,25 +419,42 @@ class VAR(nn.Module):
         """What the blocks receive as condition: cond_BD, or the shared modulation with shared AdaLN."""
         return self.shared_ada_lin(cond_BD)
 
-    def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
-        """Blocks on tokens x (fp32 embeddings) in the autocast dtype if any, then the AdaLN head: fp32 logits."""
+    def run_blocks(self, x_BlC: Tensor, cond_BD: Tensor, attn_bias: Tensor | None, block_mask=None,
+                   head: bool = True) -> Tensor:
+        """Blocks on tokens x (fp32 embeddings) in the autocast dtype if any, then the AdaLN head: fp32 logits
+        (with ``head=False`` the head's fp32 input features (B, l, C) instead, for a chunked loss)."""
         dtype = _autocast_dtype(x_BlC.device.type)
         x_BlC = x_BlC.to(dtype)
         cond = self.modulation(cond_BD).to(dtype)
         attn_bias = None if attn_bias is None else attn_bias.to(dtype)
         for block in self.blocks:
             x_BlC = block(x_BlC, cond, attn_bias, block_mask)
-        return self.logits(x_BlC, cond_BD)
+        return self.logits(x_BlC, cond_BD) if head else self.head_features(x_BlC, cond_BD)
+
+    def head_features(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
+        return self.head_nm(h_BlC.float(), cond_BD).float()
 
     def logits(self, h_BlC: Tensor, cond_BD: Tensor) -> Tensor:
-        return self.head(self.head_nm(h_BlC.float(), cond_BD).float()).float()
+        return self.head(self.head_features(h_BlC, cond_BD)).float()
 
     @contextlib.contextmanager
-    def kv_caching(self) -> Iterator[None]:
+    def kv_caching(self, static_B: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[None]:
         """Scale-by-scale sampling: within the block each ``run_blocks`` call gets the next scale's tokens and
-        every block keeps what later scales need (VAR: keys/values); cleared on entry and exit."""
+        every block keeps what later scales need (VAR: keys/values); cleared on entry and exit.
+
+        ``static_B`` > 0 (VAR blocks): each attention layer writes into a KV cache preallocated for
+        ``static_B`` rows and all L positions in ``dtype`` (the blocks' dtype) instead of concatenating, so
+        every scale's step has fixed shapes and addresses (what CUDA-graph capture needs).
+        """
+        if static_B > 0 and not getattr(self.block_class, "static_kv_cache", False):
+            raise ValueError(f"{type(self).__name__} blocks keep no KV cache: sample with static_cache=False")
         for block in self.blocks:
-            block.incremental(True)
+            if static_B > 0:
+                attn = block.attn
+                block.incremental(True, static_kv=torch.empty(2, static_B, attn.H, self.L, attn.c, dtype=dtype,
+                                                              device=self.pos_1LC.device))
+            else:
+                block.incremental(True)
         try:
             yield
         finally:
@@ -409,23 +462,13 @@ class VAR(nn.Module):
                 block.incremental(False)
 
     def _block_mask(self, L: int, device: torch.device):
-        key = (L, str(device))
-        if key not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            lvl_L = self.lvl_1L[0, :L].to(device)
-            attends = self.attends
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return attends(lvl_L[q_idx], lvl_L[kv_idx])
-
-            self._block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=device)
-        return self._block_masks[key]
+        return cached_block_mask(self.attends, self.patch_nums, L, device)
 
     # --- teacher forcing --------------------------------------------------------------------------
 
-    def forward(self, label_B: Tensor, x_BlCv: Tensor) -> Tensor:
-        """Teacher forcing: labels (B,) int64 and features (B, l - first_l, Cv) -> logits (B, l, V) float32.
+    def forward(self, label_B: Tensor, x_BlCv: Tensor, head: bool = True) -> Tensor:
+        """Teacher forcing: labels (B,) int64 and features (B, l - first_l, Cv) -> logits (B, l, V) float32
+        (``head=False``: the head's input features (B, l, C) float32, see ``prior.loss.head_cross_entropy``).
 
         ``x_BlCv`` is the VQVAE's teacher-forcing input (``MultiScaleQuantizer.teacher_forcing_input``),
         L - 1 rows for the whole pyramid, or fewer rows covering whole scales (progressive training).
@@ -436,8 +479,8 @@ class VAR(nn.Module):
         ed = x_BLC.shape[1]
         # FlexAttention has no CPU backward (torch 2.14): CPU training takes the SDPA path
         if self.cfg.attn_impl == "flex" and (x_BLC.device.type != "cpu" or not torch.is_grad_enabled()):
-            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(ed, x_BLC.device))
-        return self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed])
+            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(ed, x_BLC.device), head)
+        return self.run_blocks(x_BLC, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed], head=head)
 
     def embed(self, label_B: Tensor, x_BlCv: Tensor) -> tuple[Tensor, Tensor]:
         """(tokens x_BlC fp32 with the class token first, cond_BD) of a teacher-forced input (see ``forward``)."""

@@ -133,12 +133,12 @@ class MVAR(VAR):
         """Attention stays inside a scale (the official buffer holds this mask; the kernels never need it dense)."""
         return lvl_q == lvl_kv
 
-    def forward(self, label_B: Tensor, x_BlCv: Tensor) -> Tensor:
+    def forward(self, label_B: Tensor, x_BlCv: Tensor, head: bool = True) -> Tensor:
         """Teacher forcing, as ``VAR.forward`` (the official train-mode semantics in both modes)."""
         x_BLC, cond_BD = self.embed(label_B, x_BlCv)
         if self.cfg.attn_impl == "flex" and (x_BLC.device.type != "cpu" or not torch.is_grad_enabled()):
-            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(x_BLC.shape[1], x_BLC.device))
-        return self.run_blocks(x_BLC, cond_BD, None)
+            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(x_BLC.shape[1], x_BLC.device), head)
+        return self.run_blocks(x_BLC, cond_BD, None, head=head)
 
     def sample_by_rerunning_prefix(self, enable: bool) -> None:
         """Sample as the official code does, re-running every mixer over the whole prefix at each scale

@@ -69,7 +69,8 @@ def _check_known(known_codes_BL: Tensor | None, known_mask_BL: Tensor | None, B:
 def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Generator, cfg: float = 1.5,
                  top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
                  known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None,
-                 autocast: bool | None = None, record: dict[str, list[Tensor]] | None = None) -> Tensor:
+                 autocast: bool | None = None, record: dict[str, list[Tensor]] | None = None,
+                 static_cache: bool = False, graphs: bool = False) -> Tensor:
     """Sample codes (B, L) int64 for class labels (B,) (the null class ``var.num_classes`` = unconditional).
 
     ``quantizer`` is the VQVAE's ``MultiScaleQuantizer`` (codebook, Phi convs and f_hat update).
@@ -79,6 +80,9 @@ def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Gener
     smooth f_hat is in ``record["f_hat"]``. ``autocast`` (default: on for CUDA) runs the blocks in bf16.
     ``record``, if given, receives per scale "logits_raw" (2B, l, V), "logits_guided" and
     "logits_filtered" (B, l, V) float32, and the final "f_hat" (B, Cv, h, w).
+    ``static_cache``: a preallocated KV cache written in place (fixed shapes and addresses per scale; the
+    same tokens). ``graphs`` (CUDA, implies ``static_cache``): each scale's transformer pass is replayed as
+    a CUDA graph (``torch.compile(mode="reduce-overhead")``, one graph per scale, captured on first use).
     """
     device = var.pos_start.device
     if generator.device.type != device.type:
@@ -102,11 +106,16 @@ def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Gener
         next_BlC = var.sos_tokens(cond_BD)
     f_hat = torch.zeros(B, Cv, patch_nums[-1], patch_nums[-1], device=device)
     idx_list: list[Tensor] = []
-    with var.kv_caching():
+    graphs = graphs and device.type == "cuda"
+    run_blocks = _graphed_run_blocks(var) if graphs else var.run_blocks
+    cache_dtype = torch.bfloat16 if use_amp else torch.float32
+    with var.kv_caching(static_B=2 * B if static_cache or graphs else 0, dtype=cache_dtype):
         for si, pn in enumerate(patch_nums):
             ratio = si / (S - 1) if S > 1 else 0.0
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits_2BlV = var.run_blocks(next_BlC, cond_BD, attn_bias=None)
+                logits_2BlV = run_blocks(next_BlC, cond_BD, attn_bias=None)
+            if graphs:
+                logits_2BlV = logits_2BlV.clone()  # the graph's output buffer is overwritten by the next replay
             t = cfg * ratio
             guided_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
             filtered_BlV = top_k_top_p_filter_(guided_BlV.clone() if record is not None else guided_BlV,
@@ -139,6 +148,13 @@ def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Gener
     if record is not None:
         record["f_hat"] = [f_hat]
     return torch.cat(idx_list, dim=1)
+
+
+def _graphed_run_blocks(var: VAR):
+    """``var.run_blocks`` compiled for CUDA-graph replay, cached on the model (one compile per model)."""
+    if getattr(var, "_graphed_run_blocks", None) is None:
+        var._graphed_run_blocks = torch.compile(var.run_blocks, mode="reduce-overhead", dynamic=False)
+    return var._graphed_run_blocks
 
 
 @torch.no_grad()

@@ -28,14 +28,14 @@ class CodeEncoder:
     """``batch["views"]`` uint8 (B, K, S, S, 3) -> ``batch["codes"]`` uint16 (B, K, L); other keys pass through.
 
     Loads the tokenizer once. ``precision="bf16"`` runs the convolutions under autocast on GPU (the quantiser
-    stays fp32); on CPU everything is fp32.
+    stays fp32); on CPU everything is fp32. ``channels_last``: NHWC convolutions (see ``VQVAE.channels_last_``).
     """
 
     def __init__(self, tokenizer: str | bytes, *, preset: str = "vae_ch160v4096z32", seed: int = 0,
-                 precision: str = "fp32", device: str = "auto"):
+                 precision: str = "fp32", device: str = "auto", channels_last: bool = False):
         self.device = pick_device(device)
         model, self.identity = load_tokenizer(tokenizer, preset=preset, seed=seed)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device).channels_last_(channels_last)
         self.amp_dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
         if self.device.type == "cuda":
             # same convolution algorithms every run: codes are a dataset artefact, reruns must be byte-identical

@@ -47,8 +47,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCHW)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # SiLU in place on the fresh GroupNorm output, as the official blocks (saves one activation copy)
+        h = self.conv1(F.silu(self.norm1(x_BCHW), inplace=True))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
         return self.nin_shortcut(x_BCHW) + h
 
 
@@ -148,7 +149,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -179,7 +180,7 @@ class Decoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,6 +407,15 @@ class VQVAE(nn.Module):
                                             cfg.quant_resi, cfg.num_phi)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, kernel_size=3, stride=1, padding=1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, kernel_size=3, stride=1, padding=1)
+        self.memory_format = torch.contiguous_format
+
+    def channels_last_(self, enable: bool = True) -> VQVAE:
+        """Encoder and decoder convs in channels-last (NHWC) layout, the layout cuDNN's fast bf16 kernels
+        want; images and latents entering them are converted too. Same numbers up to float rounding."""
+        self.memory_format = torch.channels_last if enable else torch.contiguous_format
+        for part in (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv):
+            part.to(memory_format=self.memory_format)
+        return self
 
     def _check_images(self, img_B3HW: Tensor) -> None:
         s = self.cfg.image_size
@@ -418,7 +428,7 @@ class VQVAE(nn.Module):
         amp = (torch.autocast(device_type=img_B3HW.device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
         with amp:
-            f_BChw = self.quant_conv(self.encoder(img_B3HW))
+            f_BChw = self.quant_conv(self.encoder(img_B3HW.contiguous(memory_format=self.memory_format)))
         # the quantiser must see float32: bf16 distances flip near-ties (and the official addmm_ crashes)
         return f_BChw.float()
 
@@ -432,15 +442,21 @@ class VQVAE(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> codes (B, L) int64, scale-major."""
         return torch.cat(self.encode_scales(img_B3HW, amp_dtype), dim=1)
 
-    def fhat_to_img(self, f_hat_BChw: Tensor) -> Tensor:
-        """Quantised latent -> image (B, 3, H, W) clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
+    def fhat_to_img(self, f_hat_BChw: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
+        """Quantised latent -> image (B, 3, H, W) float32 clamped to [-1, 1]; with ``amp_dtype`` the decoder
+        runs under autocast (pictures and FID samples only: the codes never depend on it)."""
+        amp = (torch.autocast(device_type=f_hat_BChw.device.type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            img = self.decoder(self.post_quant_conv(f_hat_BChw.contiguous(memory_format=self.memory_format)))
+        return img.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def decode(self, codes_BL: Tensor, num_scales: int | None = None) -> Tensor:
+    def decode(self, codes_BL: Tensor, num_scales: int | None = None, amp_dtype: torch.dtype | None = None) -> Tensor:
         """Codes -> image in [-1, 1] from the first ``num_scales`` scales (default: all given).
 
         ``codes_BL`` holds all L tokens or a prefix made of whole scales (B, sum of the first k pn^2).
+        ``amp_dtype``: see :meth:`fhat_to_img`.
         """
         bounds = [e for _, e in scale_slices(self.cfg.patch_nums)]
         if codes_BL.ndim != 2 or codes_BL.shape[1] not in bounds:
@@ -451,7 +467,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"num_scales={num_scales} must be in [1, {given}] for codes of length {codes_BL.shape[1]}")
         full = codes_BL.long()
         idx_list = [full[:, b:e] for b, e in scale_slices(self.cfg.patch_nums)[:k]]
-        return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list)[-1])
+        return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list)[-1], amp_dtype)
 
     @torch.no_grad()
     def decode_scales(self, codes_BL: Tensor) -> list[Tensor]:
