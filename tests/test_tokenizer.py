@@ -35,6 +35,7 @@ from nextscale.tokenize.vqvae import VQVAE_PRESETS, build_vqvae
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {  # preset: (image side, latent side, L, V, Cv)
     "vae_ch160v4096z32": (256, 16, 680, 4096, 32),
+    "vae_ch160v4096z32_512": (512, 32, 2240, 4096, 32),  # pairs with var_d36
     "golden_tiny": (64, 4, 30, 64, 8),
     "demo": (32, 8, 130, 512, 16),
 }
