@@ -8,6 +8,8 @@ One JSON line per figure on stdout (and in ``output`` when set). Figures:
 - ``loader``: images/s the code loader delivers from real shards vs images/s training consumes.
 - ``tokenize``: the whole Ray Data job (JPEG decode, views, encode, shard writes) vs encode-only
   throughput of the same tokenizer.
+- ``mvar``: M-VAR beside VAR at the same size and batch (training step and sampling images/s), and
+  M-VAR's stateful sampler vs the official one, which re-runs every Mamba2 mixer over the prefix.
 - ``projection``: the cost of full ImageNet work on N devices from the measured rates.
 Sizes default to the official ones on a GPU (d16, vae_ch160v4096z32, batch 64) and to the demo
 presets on a CPU, so the command is meaningful everywhere; the JSON says which were used.
@@ -37,7 +39,7 @@ from nextscale.tokenize.vqvae import build_vqvae
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("train", "sample", "loader", "tokenize")
+FIGURES = ("train", "sample", "loader", "tokenize", "mvar")
 # dense bf16 tensor-core peak (FLOP/s) for MFU; the H100 SXM figure is NVIDIA's datasheet number
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -48,6 +50,7 @@ class BenchConfig:
     what: tuple[str, ...] = doc(FIGURES, f"figures to measure, any of {', '.join(FIGURES)}")
     device: str = doc("auto", "cuda, cpu or auto")
     prior_preset: str = doc("auto", "VAR preset; auto = d16 on a GPU, demo on a CPU")
+    mvar_preset: str = doc("auto", "M-VAR preset measured beside the VAR one; auto = mvar_<VAR preset>")
     tokenizer_preset: str = doc("auto", "VQVAE preset; auto = vae_ch160v4096z32 on a GPU, demo on a CPU")
     batch_size: int = doc(0, "images per step; 0 = 64 on a GPU, 16 on a CPU")
     steps: int = doc(0, "timed steps per figure; 0 = 20 on a GPU, 5 on a CPU")
@@ -121,10 +124,10 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _models(s: Setup):
+def _models(s: Setup, prior: str = ""):
     torch.manual_seed(0)
     vqvae = build_vqvae(s.tokenizer).to(s.device).eval().requires_grad_(False)
-    var = build_var(s.prior, vocab_size=vqvae.cfg.vocab_size, latent_channels=vqvae.cfg.z_channels,
+    var = build_var(prior or s.prior, vocab_size=vqvae.cfg.vocab_size, latent_channels=vqvae.cfg.z_channels,
                     patch_nums=tuple(vqvae.cfg.patch_nums)).to(s.device)
     return vqvae, var
 
@@ -195,6 +198,58 @@ def bench_sample(cfg: BenchConfig, s: Setup) -> list[dict]:
         _figure("sample.fp32_eager", s, img_per_s=s.batch / plain_s, note="cfg 1.5, top-k 900, top-p 0.96, decode included"),
         _figure("sample.fast", s, img_per_s=s.batch / fast_s, ratio=plain_s / fast_s, ratio_vs="sample.fp32_eager",
                 peak_memory_gib=_peak_memory_gib(s.device)),
+    ]
+
+
+def bench_mvar(cfg: BenchConfig, s: Setup) -> list[dict]:
+    mvar_preset = cfg.mvar_preset if cfg.mvar_preset != "auto" else f"mvar_{s.prior}"
+    vqvae, var = _models(s)
+    mvar = _models(s, mvar_preset)[1]
+    size, patch_nums = vqvae.cfg.image_size, tuple(vqvae.cfg.patch_nums)
+    label = torch.arange(s.batch, device=s.device) % var.cfg.num_classes
+    with torch.no_grad():
+        codes = vqvae.encode(torch.rand(s.batch, 3, size, size, device=s.device) * 2 - 1)
+    top_k = min(900, vqvae.cfg.vocab_size)
+
+    def train_step(model) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=s.device.type == "cuda")
+        net = torch.compile(model) if cfg.compile else model
+
+        def go() -> None:
+            x_BlCv = vqvae.quantize.teacher_forcing_input(split_codes(codes, patch_nums))
+            with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
+                logits = net(label, x_BlCv)
+            F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), codes.view(-1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return go
+
+    def sample(model) -> Callable[[], None]:
+        def go() -> None:
+            with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
+                sample_codes(model, vqvae.quantize, label, generator=torch.Generator(s.device).manual_seed(0),
+                             top_k=top_k, top_p=0.96)
+        return go
+
+    rates = {}
+    for name, model in (("var", var), ("mvar", mvar)):
+        rates[f"{name}.train"] = s.batch / _time(train_step(model.train()), s)
+        rates[f"{name}.sample"] = s.batch / _time(sample(model.eval()), s)
+    mvar.sample_by_rerunning_prefix(True)
+    rates["mvar.sample_rerun"] = s.batch / _time(sample(mvar), s)
+    mvar.sample_by_rerunning_prefix(False)
+    sizes = f"{s.prior} vs {mvar_preset}"
+    return [
+        _figure("mvar.var_train_step", s, img_per_s=rates["var.train"], note=f"{s.prior}, teacher forcing on codes"),
+        _figure("mvar.mvar_train_step", s, img_per_s=rates["mvar.train"], ratio=rates["mvar.train"] / rates["var.train"],
+                ratio_vs="mvar.var_train_step", mvar=mvar_preset, note=sizes),
+        _figure("mvar.var_sample", s, img_per_s=rates["var.sample"], note="KV cache, cfg 1.5, codes only (no decode)"),
+        _figure("mvar.mvar_sample", s, img_per_s=rates["mvar.sample"], ratio=rates["mvar.sample"] / rates["var.sample"],
+                ratio_vs="mvar.var_sample", mvar=mvar_preset, note="Mamba state carried from scale to scale"),
+        _figure("mvar.mvar_sample_rerun_prefix", s, img_per_s=rates["mvar.sample_rerun"], mvar=mvar_preset,
+                note="the official M-VAR sampler's scheme: every mixer re-run over the whole prefix at each scale"),
+        _figure("mvar.stateful_speedup", s, ratio=rates["mvar.sample"] / rates["mvar.sample_rerun"],
+                ratio_vs="mvar.mvar_sample_rerun_prefix", mvar=mvar_preset),
     ]
 
 
@@ -292,6 +347,8 @@ def run(cfg: BenchConfig) -> dict:
         emit(bench_loader(cfg, s, figures.get("train.codes_step", {}).get("img_per_s")))
     if "tokenize" in cfg.what:
         emit(bench_tokenize(cfg, s))
+    if "mvar" in cfg.what:
+        emit(bench_mvar(cfg, s))
     emit(projection(cfg, figures, s))
     log.info("bench: %d figures on %s", len(figures), figures and next(iter(figures.values()))["device"])
     return {"figures": list(figures.values())}

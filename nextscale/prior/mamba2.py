@@ -163,24 +163,25 @@ def ssd_scan(x_BlHP: Tensor, dt_BlH: Tensor, A_H: Tensor, B_BlGN: Tensor, C_BlGN
     """
     with torch.autocast(device_type=x_BlHP.device.type, enabled=False):
         Bsz, l, H, P = x_BlHP.shape
-        rep = H // B_BlGN.shape[2]  # heads per group share B and C
-        x, dt = x_BlHP.float(), dt_BlH.float()
-        Bm = B_BlGN.float().repeat_interleave(rep, dim=2)
-        Cm = C_BlGN.float().repeat_interleave(rep, dim=2)
+        G = B_BlGN.shape[2]
+        rep = H // G  # heads per group share B and C
+        x, dt, Bm, Cm = x_BlHP.float(), dt_BlH.float(), B_BlGN.float(), C_BlGN.float()
         T = min(chunk_size, l)
         pad = -l % T
         if pad:
             x, dt, Bm, Cm = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (x, dt, Bm, Cm))
         c = (l + pad) // T
         x = x.view(Bsz, c, T, H, P)
-        Bm, Cm = Bm.view(Bsz, c, T, H, -1), Cm.view(Bsz, c, T, H, -1)
+        Bm, Cm = Bm.view(Bsz, c, T, G, -1), Cm.view(Bsz, c, T, G, -1)
         dt = dt.view(Bsz, c, T, H)
         xdt = x * dt[..., None]
         a_BHcT = (dt * A_H.float()).permute(0, 3, 1, 2)  # log decay of each step
         acum_BHcT = a_BHcT.cumsum(-1)
-        # 1. inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
-        scores_BHcTT = torch.einsum("bclhn,bcshn->bhcls", Cm, Bm) * torch.exp(segsum(a_BHcT))
+        # 1. inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j, C B^T once per group
+        CB_BGcTT = torch.einsum("bclgn,bcsgn->bgcls", Cm, Bm)
+        scores_BHcTT = CB_BGcTT.repeat_interleave(rep, dim=1) * torch.exp(segsum(a_BHcT))
         y = torch.einsum("bhcls,bcshp->bclhp", scores_BHcTT, xdt)
+        Bm, Cm = Bm.repeat_interleave(rep, dim=3), Cm.repeat_interleave(rep, dim=3)  # (B, c, T, H, N)
         # 2. each chunk's own contribution to the state at its end, decayed by exp(a_{j+1} + ... + a_{T-1}):
         # summed from the end (not as acum[-1] - acum[j], which cancels badly once the chunk's decay is large)
         to_end_BHcT = torch.exp(F.pad(a_BHcT[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1))

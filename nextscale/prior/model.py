@@ -529,7 +529,7 @@ def flops_per_image(cfg: VARConfig, training: bool = True) -> float:
         E, N, H = 2 * C, cfg.mamba_d_state, 2 * C // 64
         T = min(cfg.mamba_chunk_size, L)
         per_token_block += 2 * C * (2 * E + 2 * N + H) + 2 * E * C  # in_proj, out_proj
-        per_token_block += 2 * T * H * (N + E // H) + 2 * 2 * E * N  # scan: scores, y_diag, states, y_off
+        per_token_block += 2 * T * (N + E) + 2 * 2 * E * N  # scan: C B^T (one group), y_diag, states, y_off
         attention = 4 * sum(pn**4 for pn in cfg.patch_nums) * C * depth
     else:
         attention = 4 * L * L * C * depth  # q k^T and attn v
