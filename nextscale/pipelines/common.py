@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import ray
 
 import nextscale
 from nextscale import storage
 from nextscale.config import RayConfig
+from nextscale.pipelines import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +66,16 @@ def init_ray(cfg: RayConfig) -> None:
         if cfg.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024**2
         log.info("starting a local Ray instance")
+        _start_watchdog()
         ray.init(**kwargs)
+
+
+def _start_watchdog() -> None:
+    """The local instance must not outlive this driver, even a SIGKILLed one: see ``watchdog.py``."""
+    global _WATCHDOG
+    # its own session: a Ctrl-C in the terminal reaches the driver, not the one who cleans up after it
+    _WATCHDOG = subprocess.Popen([sys.executable, watchdog.__file__, str(os.getpid())], stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+
+
+_WATCHDOG: subprocess.Popen | None = None
