@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 from nextscale.config import ConfigError, describe, dump_yaml, load_config
+from nextscale.interrupts import EXIT_CODE, stop_promptly
 from nextscale.logs import setup_logging
 
 # subcommand -> (config class, run function, one-line description)
@@ -127,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if "print_config" in flags:
         print(dump_yaml(cfg), end="")
         return 0
-    summary = _resolve(run_spec)(cfg)
+    try:
+        with stop_promptly():
+            summary = _resolve(run_spec)(cfg)
+    except KeyboardInterrupt:
+        print(f"nextscale {args.command}: interrupted; run the same command again to continue from what was "
+              "written", file=sys.stderr)
+        return EXIT_CODE
     logging.getLogger("nextscale").info("done")
     print(json.dumps(summary, indent=1, default=str))
     return 0

@@ -1,0 +1,102 @@
+"""Ctrl-C and SIGKILL of a stage's driver: the process stops promptly, its local Ray instance goes with it,
+and a rerun completes to the bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nextscale.pipelines.watchdog import descendants, processes
+from nextscale.tokenize.job_config import TokenizeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = dict(tokenizer="golden_tiny", views=1, samples_per_shard=2, batch_size=2)
+
+pytestmark = [pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc"),
+              pytest.mark.ray, pytest.mark.slow]
+
+
+def _write_photos(root: Path, n: int) -> None:
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        p = root / f"c{i % 3}" / f"img{i:03d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
+        p.write_bytes(buf.getvalue())
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "config.yaml"}
+
+
+def _shards(out: Path) -> int:
+    return sum(n.endswith(".tar") for n in os.listdir(out)) if out.is_dir() else 0
+
+
+def _alive(recorded: dict[int, int]) -> list[int]:
+    procs = processes()
+    return [pid for pid, start in recorded.items() if procs.get(pid, (0, -1))[1] == start]
+
+
+def _interrupt(tmp_path: Path, out: Path, sig: int, ready) -> tuple[int, dict[int, int]]:
+    """Run the CLI tokenize with its own local Ray instance until ``ready(log text)``, send ``sig`` to the driver
+    alone; returns (exit code, the processes it had started) once all of those are gone (both bounded in time)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "nextscale.cli", "tokenize", f"input={tmp_path / 'in'}", f"output={out}",
+           "ray.num_cpus=2", *(f"{k}={v}" for k, v in ARGS.items())]
+    log_path = tmp_path / f"job-{sig}-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not ready(log_path.read_text()):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended too early:\n" + log_path.read_text()[-3000:]
+        procs = processes()
+        started = descendants({proc.pid: procs[proc.pid][1]}, procs)
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=30)  # promptly, even when an interrupt is lost inside a library
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.time() + 20
+    while _alive(started) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started), f"still running after {sig!r}: {_alive(started)}\n{log_path.read_text()[-2000:]}"
+    return code, started
+
+
+def test_ctrl_c_and_sigkill_stop_the_job_and_its_ray_and_a_rerun_completes(ray_local, tmp_path):
+    from nextscale.pipelines.tokenize import run
+
+    _write_photos(tmp_path / "in", 24)
+    run(TokenizeConfig(input=str(tmp_path / "in"), output=str(tmp_path / "a"), **ARGS))
+    reference = _outputs(tmp_path / "a")
+    out = tmp_path / "b"
+
+    # Ctrl-C while the local Ray instance starts
+    code, started = _interrupt(tmp_path, out, signal.SIGINT, lambda text: "starting a local Ray instance" in text)
+    assert code == 130
+    # Ctrl-C once the first shard is written, then SIGKILL once one more is: each time nothing stays behind
+    code, started = _interrupt(tmp_path, out, signal.SIGINT, lambda text: _shards(out) >= 1)
+    assert code == 130 and len(started) >= 4  # raylet, GCS, agents, workers: there was an instance to stop
+    before = _shards(out)
+    assert before < 12
+    code, started = _interrupt(tmp_path, out, signal.SIGKILL, lambda text: _shards(out) > before)
+    assert code == -signal.SIGKILL and len(started) >= 4
+
+    summary = run(TokenizeConfig(input=str(tmp_path / "in"), output=str(out), **ARGS))
+    assert summary["shards_skipped"] >= 2 and summary["shards_made"] + summary["shards_skipped"] == 12
+    assert _outputs(out) == reference
