@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,27 @@ def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("psnr_db" in r for r in rows)
     w, h = plots.PANEL_SIZE
     assert _png(out / "curves.png").shape == (3 * h, 2 * w, 3)  # PSNR, usage, losses, total, lr
+
+
+def test_the_demo_writes_the_readme_pictures_and_the_readme_shows_them(tmp_path):
+    from nextscale.eval.pictures import png_bytes
+    from nextscale.pipelines.demo import DOCS_PICTURES, docs_pictures
+
+    rng = np.random.default_rng(0)
+    sizes = {"grid": (1034, 1290), "coarse_to_fine": (400, 600), "curves": (480, 800)}
+    for name, (h, w) in sizes.items():
+        (tmp_path / f"{name}.png").write_bytes(png_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    results = {"stages": {"sample": {"pictures": {n: {"url": str(tmp_path / f"{n}.png")} for n in ("grid", "coarse_to_fine")}},
+                          "train-prior": {"pictures": {"curves": str(tmp_path / "curves.png")}}}}
+    written = docs_pictures(results, str(tmp_path / "docs"))
+    # shrunk by the smallest whole factor that fits 640 px: 3, 1 and 2
+    assert {n: (w["height"], w["width"]) for n, w in written.items()} == {
+        "demo_grid.png": (344, 430), "demo_coarse_to_fine.png": (400, 600), "demo_prior_curves.png": (240, 400)}
+    assert (_png(tmp_path / "docs" / "demo_coarse_to_fine.png") == _png(tmp_path / "coarse_to_fine.png")).all()
+    assert _png(tmp_path / "docs" / "demo_grid.png").shape == (344, 430, 3)
+    # without the prior stage (e.g. stages=[sample]) its picture is simply not rewritten
+    assert set(docs_pictures({"stages": {"sample": results["stages"]["sample"]}}, str(tmp_path / "d2"))) == {
+        "demo_grid.png", "demo_coarse_to_fine.png"}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = set(re.findall(r"docs/images/([\w.-]+\.png)", readme))
+    assert shown == set(DOCS_PICTURES)  # the README shows exactly what `make demo` writes

@@ -12,6 +12,7 @@ Curves are drawn with Pillow alone (no plotting library to install, the same pix
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -208,3 +209,19 @@ def reconstruction_strip(vqvae, img_B3HW: torch.Tensor) -> np.ndarray:
     columns = [to_uint8(c.float().add(1).mul(0.5)) for c in columns]
     rows = [[col[b] for col in columns] for b in range(img_B3HW.shape[0])]
     return tile_grid(rows, upscale=max(1, MIN_TILE // vqvae.cfg.image_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# README pictures (written by the demo)
+
+
+def docs_copy(src_url: str, dest_path: str, max_side: int = 640) -> dict:
+    """Copy the PNG at ``src_url`` to ``dest_path``, shrunk by the smallest whole factor that brings its longer
+    side to at most ``max_side`` (nearest neighbour: the upscaled tiles of a grid stay sharp)."""
+    with Image.open(io.BytesIO(storage.read_bytes(src_url))) as im:
+        image = im.convert("RGB")
+    factor = math.ceil(max(image.size) / max_side)
+    if factor > 1:
+        image = image.resize((image.width // factor, image.height // factor), Image.NEAREST)
+    storage.write_bytes(dest_path, _png(np.asarray(image)))
+    return {"path": dest_path, "width": image.width, "height": image.height}

@@ -32,6 +32,8 @@ class DemoConfig:
     fid_config: str = doc("configs/fid_demo.yaml", "config of fid (and the classifier check)")
     overrides: tuple[str, ...] = doc((), "stage overrides as stage:key.sub=value, e.g. train-prior:optim.steps=100")
     results: str = doc("runs/demo/results.json", "where the demo's summary goes")
+    docs_images: str = doc("docs/images", "where the README's copies of the sample grid, the coarse-to-fine picture "
+                                          "and the prior's curves go (shrunk to <= 640 px); empty = none")
     ray: RayConfig = doc(RayConfig(), "Ray cluster (a local instance by default)")
 
     def __post_init__(self):
@@ -70,9 +72,33 @@ def run(cfg: DemoConfig) -> dict:
         if stage == "fid":
             results["classifier"] = _classifier_check(stage_cfg)
     results["minutes"]["total"] = round((time.perf_counter() - t_start) / 60, 2)
+    if cfg.docs_images:
+        results["docs_images"] = docs_pictures(results, cfg.docs_images)
     storage.write_text(cfg.results, json.dumps(results, indent=1, default=str))
     _log_summary(results, cfg)
     return results
+
+
+# README picture -> (stage, where the stage's summary names it)
+DOCS_PICTURES = {"demo_grid.png": ("sample", ("pictures", "grid", "url")),
+                 "demo_coarse_to_fine.png": ("sample", ("pictures", "coarse_to_fine", "url")),
+                 "demo_prior_curves.png": ("train-prior", ("pictures", "curves"))}
+
+
+def docs_pictures(results: dict, folder: str) -> dict:
+    """Copies of the pictures of this run's stages for the README (those whose stage ran)."""
+    from nextscale.eval.plots import docs_copy
+
+    out = {}
+    for name, (stage, keys) in DOCS_PICTURES.items():
+        url = results["stages"].get(stage)
+        for key in keys:
+            url = url.get(key) if isinstance(url, dict) else None
+        if url:
+            out[name] = docs_copy(url, storage.join(folder, name))
+    if out:
+        log.info("demo: README pictures %s in %s", ", ".join(out), folder)
+    return out
 
 
 def _classifier_check(fid_cfg) -> dict:

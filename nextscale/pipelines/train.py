@@ -154,6 +154,8 @@ def run_tokenizer(cfg) -> dict:
     result = fit("tokenizer", cfg)
     summary: dict[str, Any] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     summary["tokenizer_url"] = storage.join(cfg.output, "tokenizer.pt")
+    summary["pictures"] = {"curves": storage.join(cfg.output, "curves.png"),
+                           "reconstructions": storage.join(cfg.output, "reconstructions") if cfg.sample_every else None}
     eval_url = storage.join(cfg.output, "tokenizer_eval.json")
     if storage.exists(eval_url):
         summary["eval"] = json.loads(storage.read_text(eval_url))

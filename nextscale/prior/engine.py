@@ -330,12 +330,9 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
             t_window = time.perf_counter()
         t_window += samples(step)  # sampling time is left out of the throughput
 
-    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops)
-    if rank == 0:
-        summary["pictures"] = {"curves": storage.join(cfg.output, "curves.png"),
-                               "samples": samples.where if samples.every else None}
-        log.info("pictures: loss / accuracy / lr / grad-norm curves in %s, sample grids in %s",
-                 summary["pictures"]["curves"], samples.where)
+    pictures = {"curves": storage.join(cfg.output, "curves.png"), "samples": samples.where if samples.every else None}
+    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops,
+                      pictures)
     wandb.finish()
     return summary
 
@@ -408,7 +405,7 @@ def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> 
 
 def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model: VAR, history: list[dict],
             step: int, start_step: int, t_train: float, t_start: float, tokenizer: dict, n_params: int,
-            flops: float) -> dict:
+            flops: float, pictures: dict) -> dict:
     trained = step - start_step
     img_s = trained * cfg.data.batch_size / t_train if trained and t_train > 0 else float("nan")
     summary = {
@@ -419,6 +416,7 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model:
         "tokenizer": tokenizer["source"], "num_params": n_params, "gflops_per_image": flops / 1e9, "workers": ctx.world_size,
         "minutes": (time.time() - t_start) / 60, "output": cfg.output,
         "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
+        "pictures": pictures,
     }
     state_dict = checkpoint.full_model_state(model)  # every rank: a collective under FSDP
     if ctx.rank == 0:
@@ -428,4 +426,6 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model:
         log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
                  "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s, summary["final_loss"],
                  summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])
+        log.info("pictures: loss / accuracy / lr / grad-norm curves in %s, sample grids in %s", pictures["curves"],
+                 pictures["samples"] or "(none: sample_every=0)")
     return summary
