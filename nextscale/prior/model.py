@@ -266,8 +266,9 @@ class VARConfig:
         "small", "which AdaLN gates get init_adaln_gamma: small = every branch's gate; official = the first two "
                  "chunks as the official code does (same for VAR; M-VAR's FFN gate then gets init_adaln)")
     mamba_d_state: int = doc(64, "M-VAR: state size of the Mamba2 mixers (official 64; head dim 64, expand 2)")
-    mamba_chunk_size: int = doc(256, "M-VAR: chunk length of the Mamba2 scan (mamba_ssm's 256; changes memory "
-                                     "and speed, not the result beyond float rounding)")
+    mamba_chunk_size: int = doc(256, "M-VAR: chunk length of the Mamba2 scan (mamba_ssm's 256). Changes speed and "
+                                     "memory, not the result beyond float rounding: without mamba_ssm the PyTorch "
+                                     "scan holds ~B * heads * L * chunk floats per block, so lower it for large models")
 
     def __post_init__(self) -> None:
         require(self.depth >= 1, f"depth={self.depth} must be >= 1")
