@@ -118,3 +118,17 @@ def test_kernel_path_matches_the_reference(mixer, u):
         assert max_abs(m(x).cpu(), "mamba_y.npy") <= 1e-4 and max_abs(y, "mamba_y.npy") <= 1e-4
     finally:
         mixer.cpu()
+
+
+def test_a_missing_kernel_falls_back_with_one_log_line(caplog):
+    from nextscale.prior import mamba2
+
+    try:
+        import mamba_ssm  # noqa: F401
+        pytest.skip("mamba_ssm is importable here")
+    except ImportError:
+        pass
+    mamba2._kernel_scan.cache_clear()
+    with caplog.at_level("INFO", logger="nextscale.prior.mamba2"):
+        assert mamba2._kernel_scan() is None and mamba2._kernel_scan() is None
+    assert len(caplog.records) == 1 and "PyTorch reference scan" in caplog.records[0].getMessage()
