@@ -21,8 +21,74 @@ from nextscale.tokenize.job_config import TokenizeConfig
 REPO = Path(__file__).resolve().parent.parent
 ARGS = dict(tokenizer="golden_tiny", views=1, samples_per_shard=2, batch_size=2)
 
-pytestmark = [pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc"),
-              pytest.mark.ray, pytest.mark.slow]
+# a stage whose code swallows the KeyboardInterrupt (as a finalizer or a library's cleanup path may) and goes on
+SWALLOWS = """
+import sys, time
+from nextscale.interrupts import stop_promptly
+
+def work():
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.01)
+
+with stop_promptly(grace_s=float(sys.argv[1])):
+    try:
+        work()
+    except KeyboardInterrupt:
+        pass
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("grace_s, signals", [(1.0, 1), (60.0, 2)])
+def test_an_interrupt_lost_inside_the_stage_still_stops_it(grace_s, signals):
+    proc = subprocess.Popen([sys.executable, "-c", SWALLOWS, str(grace_s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        assert proc.wait(timeout=20) == 130  # after grace_s, or at once on the second Ctrl-C
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "interrupted (Ctrl-C)" in err
+    assert ("second Ctrl-C" if signals == 2 else "still running 1 s after Ctrl-C") in err
+
+
+# a driver that starts the watchdog, then a child that starts a grandchild (a raylet and its agent)
+DRIVER = """
+import os, subprocess, sys, time
+from nextscale.pipelines import watchdog
+subprocess.Popen([sys.executable, watchdog.__file__, str(os.getpid())], start_new_session=True)
+child = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '120']); time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_the_watchdog_kills_what_the_killed_driver_started_even_orphans():
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(driver.stdout.readline())
+        deadline = time.time() + 30
+        while time.time() < deadline and len(descendants({driver.pid: processes()[driver.pid][1]}, processes())) < 3:
+            time.sleep(0.1)  # the watchdog, the child and its sleep
+        time.sleep(1.0)  # the watchdog records the tree every 0.5 s
+        procs = processes()
+        started = {p: s for p, s in descendants({driver.pid: procs[driver.pid][1]}, procs).items()}
+        assert len(started) == 3
+        os.kill(child, signal.SIGKILL)  # the grandchild is orphaned: no longer below the driver
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 10
+        while _alive(started) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(started)
+    finally:
+        driver.kill()
 
 
 def _write_photos(root: Path, n: int) -> None:
@@ -78,6 +144,9 @@ def _interrupt(tmp_path: Path, out: Path, sig: int, ready) -> tuple[int, dict[in
     return code, started
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_ctrl_c_and_sigkill_stop_the_job_and_its_ray_and_a_rerun_completes(ray_local, tmp_path):
     from nextscale.pipelines.tokenize import run
 
