@@ -153,6 +153,33 @@ def accepted_images(items: list[dict], root: str) -> list[tuple[str, int]]:
     return [(it["source"], it["label"]) for it in items if not it["reason"]]
 
 
+def label_reason(label: int, num_classes: int) -> str:
+    """Why a sample's label cannot be used, or "": negative, or not below ``num_classes`` (0: no bound given)."""
+    if label < 0:
+        return f"negative label {label}"
+    if num_classes and label >= num_classes:
+        return f"label {label} is outside the {num_classes} classes (0..{num_classes - 1}) of class_list / num_classes"
+    return ""
+
+
+def classes_from_labels(records: list[dict]) -> list[str]:
+    """Class names "0".."N-1" for samples labelled without a class list, N = the largest accepted label + 1.
+
+    When a class below N has no accepted sample this is an InputError naming the highest label: one stray
+    label (999999 in one sample) would otherwise make the dataset claim a million classes.
+    """
+    accepted = [r for r in records if r["status"] == "accepted"]
+    labels = {r["label"] for r in accepted}
+    top = max(labels, default=-1)
+    if len(labels) < top + 1:
+        stray = max(accepted, key=lambda r: r["label"])
+        raise InputError(
+            f"labels reach {top} (sample {stray['source']}) but only {len(labels)} of the {top + 1} classes "
+            f"0..{top} have a sample: a stray label would make the dataset claim {top + 1} classes. Fix that "
+            "label, or set num_classes (samples labelled >= it are rejected) or class_list, then re-run")
+    return [str(i) for i in range(top + 1)]
+
+
 def load_class_list(url: str) -> list[str]:
     """Class names in index order from a JSON list of names or of ``{index, wnid}`` objects."""
     try:

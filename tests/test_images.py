@@ -16,7 +16,16 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from nextscale.images import InputError, center_view, list_image_folder, make_views, resize_shorter, to_float
+from nextscale.images import (
+    InputError,
+    center_view,
+    classes_from_labels,
+    label_reason,
+    list_image_folder,
+    make_views,
+    resize_shorter,
+    to_float,
+)
 
 # landscape, portrait, odd and even margins, already at size, smaller than the target (upsampling)
 SIZES = [(90, 70), (70, 90), (257, 300), (301, 256), (64, 64), (72, 72), (40, 50), (101, 77)]
@@ -152,3 +161,14 @@ def test_an_unreadable_class_folder_stops_the_listing_naming_it():
     finally:
         os.chmod(root / "b", 0o755)
         shutil.rmtree(root)
+
+
+def test_classes_from_labels_refuses_a_stray_label():
+    rows = [{"label": label, "status": status, "source": f"in.tar#{i}"}
+            for i, (label, status) in enumerate([(0, "accepted"), (2, "accepted"), (1, "accepted"), (7, "rejected")])]
+    assert classes_from_labels(rows) == ["0", "1", "2"]  # rejected samples do not count
+    rows.append({"label": 999999, "status": "accepted", "source": "in.tar#4"})
+    with pytest.raises(InputError, match=r"labels reach 999999 \(sample in.tar#4\) but only 4 of the 1000000 classes"):
+        classes_from_labels(rows)
+    assert label_reason(-1, 0) == "negative label -1" and label_reason(5, 0) == label_reason(1, 2) == ""
+    assert label_reason(2, 2).startswith("label 2 is outside the 2 classes (0..1)")

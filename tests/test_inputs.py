@@ -38,7 +38,7 @@ SAMPLES = [(f"s{i}", _jpg(i), i % 3) for i in range(4)]
 
 
 def _read(path) -> list[tuple[dict, bytes]]:
-    return list(tar_samples(str(path), num_classes=3))
+    return list(tar_samples(str(path)))
 
 
 def test_a_complete_tar_yields_every_sample_with_its_bytes(tmp_path):

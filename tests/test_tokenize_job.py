@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from nextscale import codes, storage
-from nextscale.images import decode_image, list_image_folder, load_class_list, make_views
+from nextscale.images import InputError, decode_image, list_image_folder, load_class_list, make_views
 from nextscale.prior.data import CodeLoader
 from nextscale.tokenize.encode import CodeEncoder
 from nextscale.tokenize.job_config import TokenizeConfig
@@ -141,6 +141,22 @@ def test_webdataset_samples_without_image_or_valid_label_are_rejected(tmp_path):
     assert records[1]["source"] == f"{tmp_path / 'in.tar'}#x/b" and int(chunks[0]["n_ok"][0]) == 1
 
 
+def test_num_classes_is_for_webdataset_input_and_part_of_the_tar_shards_identity(tmp_path):
+    from nextscale.config import ConfigError
+    from nextscale.pipelines.tokenize import plan_shards
+
+    _write_photos(tmp_path / "in", 3)
+    with pytest.raises(InputError, match="num_classes=3 applies to webdataset input"):
+        plan_shards(_cfg(str(tmp_path / "in"), str(tmp_path / "out"), num_classes=3))
+    with pytest.raises(ConfigError, match="class_list or num_classes, not both"):
+        _cfg(str(tmp_path / "in"), str(tmp_path / "out"), num_classes=3, class_list="c.json")
+    (tmp_path / "t.tar").write_bytes(_wds_tar([("a", _encode(_photo(0), "JPEG"), 0)]))
+    (bare,), classes, _ = plan_shards(_cfg(str(tmp_path / "t.tar"), str(tmp_path / "out")))
+    (bounded,), bounded_classes, _ = plan_shards(_cfg(str(tmp_path / "t.tar"), str(tmp_path / "out"), num_classes=3))
+    assert (classes, bounded_classes, bounded.num_classes) == ([], ["0", "1", "2"], 3)
+    assert bare.digest() != bounded.digest()
+
+
 def test_views_depend_only_on_seed_key_and_view():
     img = _photo(7, (120, 80))
     kw = dict(image_size=64, views=3, augmentation="official", crop_ratio=1.125)
@@ -245,6 +261,19 @@ def test_job_webdataset_input_on_s3(ray_local, s3_bucket):
     assert storage.listdir(out, ".tar") == ["codes-000000.tar", "codes-000001.tar", "codes-000002.tar"]
     labels = sorted(int(x) for _, l in CodeLoader(out, batch_size=3, num_workers=2) for x in l)
     assert labels == [0, 1, 1, 2, 2, 3]
+
+    # one stray label without a class list stops the job naming the sample, instead of claiming 1,000,000 classes
+    storage.write_bytes(f"{s3_bucket}/stray/train-000000.tar", _wds_tar([("s0", good[0], 0), ("s1", good[1], 999999)]))
+    stray_out = f"{s3_bucket}/stray-codes"
+    with pytest.raises(InputError, match=r"labels reach 999999 \(sample s3://.*/stray/train-000000.tar#s1\) but only 2 "
+                                         r"of the 1000000 classes"):
+        run(_cfg(f"{s3_bucket}/stray", stray_out, views=1, batch_size=2))
+    # num_classes bounds the labels: the shard is redone, the stray sample rejected with its reason
+    summary = run(_cfg(f"{s3_bucket}/stray", stray_out, views=1, batch_size=2, num_classes=2))
+    manifest = codes.Manifest.read(stray_out)
+    assert (summary["shards_made"], summary["accepted"], manifest.classes) == (1, 1, ["0", "1"])
+    (rejected,) = manifest.rejected
+    assert rejected["key"] == "s1" and rejected["reason"].startswith("label 999999 is outside the 2 classes (0..1)")
 
 
 def _write_photos(root: Path, n: int) -> None:

@@ -30,7 +30,15 @@ import ray
 
 from nextscale import codes, storage
 from nextscale.config import RayConfig, dump_yaml
-from nextscale.images import InputError, decode_image, list_image_folder, load_class_list, make_views
+from nextscale.images import (
+    InputError,
+    classes_from_labels,
+    decode_image,
+    label_reason,
+    list_image_folder,
+    load_class_list,
+    make_views,
+)
 from nextscale.pipelines.common import init_ray
 from nextscale.progress import Progress
 from nextscale.tokenize import inputs
@@ -91,6 +99,7 @@ class ShardTask:
     items: list[dict]          # files: the listed items; tar: []
     url: str = ""              # tar: the input tar
     size: int = 0              # tar: its size in bytes (a re-copied, repaired tar makes its shard be redone)
+    num_classes: int = 0       # tar: labels >= it are rejected (0: no class list or num_classes given)
 
     @property
     def name(self) -> str:
@@ -98,7 +107,10 @@ class ShardTask:
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
-        payload = f"{self.url}\n{self.size}" if self.kind == "tar" else json.dumps(self.items, sort_keys=True)
+        if self.kind == "tar":  # another class count can reject other samples
+            payload = f"{self.url}\n{self.size}" + (f"\n{self.num_classes}" if self.num_classes else "")
+        else:
+            payload = json.dumps(self.items, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -109,8 +121,12 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
     if fmt == "webdataset":
         tars = list_tars(cfg.input)
         sizes = storage.sizes(tars)
-        return [ShardTask(i, "tar", [], url=u, size=n) for i, (u, n) in enumerate(zip(tars, sizes))], \
-            class_list or [], fmt
+        classes = class_list or [str(i) for i in range(cfg.num_classes)]
+        return [ShardTask(i, "tar", [], url=u, size=n, num_classes=len(classes))
+                for i, (u, n) in enumerate(zip(tars, sizes))], classes, fmt
+    if cfg.num_classes:
+        raise InputError(f"num_classes={cfg.num_classes} applies to webdataset input; the classes of the ImageFolder "
+                         f"{cfg.input!r} are its folders, or class_list")
     items, classes = list_image_folder(cfg.input, class_list)
     if cfg.max_images:
         items = items[: cfg.max_images]
@@ -166,8 +182,9 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
     knows how many chunks the shard has (``num_chunks``; 0 on the others).
     """
     task = json.loads(batch["task"][0])
+    num_classes = task.get("num_classes", 0)
     if task["kind"] == "tar":
-        samples = _storage_errors_named(inputs.tar_samples(task["url"], task.get("num_classes", 0)), task["url"])
+        samples = _storage_errors_named(inputs.tar_samples(task["url"]), task["url"])
     else:
         samples = _file_samples(task["items"], read_threads, window=2 * chunk)
 
@@ -178,6 +195,8 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
             if isinstance(data, Exception):
                 rec["reason"] = f"unreadable: {type(data).__name__}: {data}"
             elif not rec["reason"]:
+                rec["reason"] = label_reason(rec["label"], num_classes)
+            if not rec["reason"]:
                 img, rec["reason"] = decode_image(data, min_side)
                 if img is not None:
                     arrays.append(make_views(img, rec["key"], image_size=image_size, views=views,
@@ -390,8 +409,7 @@ def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict]
     rejected = [{"key": r["key"], "source": r["source"], "reason": r["reason"]} for r in rows
                 if r["status"] != "accepted"]
     if fmt == "webdataset" and not classes:
-        top = max((r["label"] for r in rows if r["status"] == "accepted"), default=-1)
-        classes = [str(i) for i in range(top + 1)]
+        classes = classes_from_labels(rows)
     manifest = codes.Manifest(
         tokenizer=tok, patch_nums=list(vq.patch_nums), vocab_size=vq.vocab_size, num_tokens=vq.num_tokens,
         image_size=vq.image_size, views=cfg.views,

@@ -35,26 +35,22 @@ def unique_key(key: str, seen: dict[str, int]) -> str:
     return unique_key(f"{key}_{seen[key]}", seen)
 
 
-def _wds_item(url: str, key: str, members: dict[str, bytes], num_classes: int,
-              seen: dict[str, int]) -> tuple[dict, bytes]:
-    """One webdataset sample -> (item, image bytes); a missing image or a missing/out-of-range label
-    (``num_classes`` > 0: the class list's size) makes it rejected."""
+def _wds_item(url: str, key: str, members: dict[str, bytes], seen: dict[str, int]) -> tuple[dict, bytes]:
+    """One webdataset sample -> (item, image bytes); a missing image or label makes it rejected (whether the
+    label is in range is the listing's call: ``nextscale.images.label_reason``)."""
     ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in members), None)
     reason, label = "", -1
     try:
         label = int(members.get("cls", b"").decode().strip())
     except ValueError:
         reason = "missing or non-integer 'cls' label"
-    if not reason and (label < 0 or 0 < num_classes <= label):
-        reason = f"label {label} is outside the class list (0..{num_classes - 1})" if num_classes else \
-            f"negative label {label}"
     if ext is None:
         reason = f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) in the sample"
     item = {"key": unique_key(sanitize_key(key), seen), "source": f"{url}#{key}", "label": label, "reason": reason}
     return item, members[ext] if ext else b""
 
 
-def tar_samples(url: str, num_classes: int = 0) -> Iterator[tuple[dict, bytes]]:
+def tar_samples(url: str) -> Iterator[tuple[dict, bytes]]:
     """The samples of a webdataset image tar, read as a stream (plain, or gzip/bz2/xz compressed).
 
     A damaged tar (truncated, garbled) yields the samples before the damage, then one rejected item with
@@ -78,7 +74,7 @@ def tar_samples(url: str, num_classes: int = 0) -> Iterator[tuple[dict, bytes]]:
                 k = f"{d}/{stem}" if d else stem
                 if k != key:
                     if key is not None:
-                        yield _wds_item(url, key, members, num_classes, seen)
+                        yield _wds_item(url, key, members, seen)
                     key, members = k, {}
                 try:
                     data = tar.extractfile(m)
@@ -100,7 +96,7 @@ def tar_samples(url: str, num_classes: int = 0) -> Iterator[tuple[dict, bytes]]:
             if tar is not None:
                 tar.close()
     if key is not None:
-        item, data = _wds_item(url, key, members, num_classes, seen)
+        item, data = _wds_item(url, key, members, seen)
         if cut_member:
             item["reason"], data = f"incomplete: the input tar {damage}", b""
         yield item, data

@@ -19,6 +19,9 @@ class TokenizeConfig:
         "auto", "auto = webdataset when input names .tar files or a folder of them, else imagefolder")
     class_list: str = doc("", "optional JSON file fixing the class index: a list of wnids/folder names, or "
                               "imagenet_classes.json entries ({index, wnid, ...}); empty = sorted class folders")
+    num_classes: int = doc(0, "webdataset input without class_list: the number of classes (samples labelled >= it "
+                              "are rejected); 0 = the largest label + 1, and the job stops if a class below it "
+                              "has no sample (a stray label)")
     tokenizer: str = doc("runs/demo/tokenizer/tokenizer.pt", "a tokenizer.pt from train-tokenizer, an official "
                                                              ".pth, or a preset name (random weights: tests only)")
     tokenizer_preset: str = doc("vae_ch160v4096z32", "architecture of an official .pth (tokenizer.pt files carry "
@@ -53,6 +56,8 @@ class TokenizeConfig:
         require(bool(self.output), "output is empty: give the URL where the code shards go")
         require(bool(self.tokenizer), "tokenizer is empty: give a tokenizer.pt, an official .pth or a preset name")
         require(self.views >= 1, f"views={self.views} must be >= 1")
+        require(self.num_classes >= 0, f"num_classes={self.num_classes} must be >= 0")
+        require(not (self.num_classes and self.class_list), "give class_list or num_classes, not both")
         require(self.augmentation == "official" or self.views == 1,
                 f"views={self.views} with augmentation=center gives identical views; set views=1")
         require(self.crop_ratio >= 1.0, f"crop_ratio={self.crop_ratio} must be >= 1")
