@@ -48,11 +48,14 @@ class Progress:
     """``update(n)`` as work completes; use as a context manager (or call ``close``).
 
     ``total`` may be None (unknown): lines then give the count and rate without a percentage or ETA.
+    ``bar=False``: no bar of ours on a terminal, for stages whose terminal already shows Ray Data's bars
+    (two sets of bars garble each other); the lines elsewhere stay.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "img", *, every_s: float = 30.0,
-                 style: str | None = None, logger: logging.Logger = log):
-        style = style or os.environ.get("NEXTSCALE_PROGRESS") or ("bar" if sys.stderr.isatty() else "lines")
+                 style: str | None = None, bar: bool = True, logger: logging.Logger = log):
+        tty_style = "bar" if bar else "off"
+        style = style or os.environ.get("NEXTSCALE_PROGRESS") or (tty_style if sys.stderr.isatty() else "lines")
         if style not in STYLES:
             raise ValueError(f"NEXTSCALE_PROGRESS={style!r}: choose one of {', '.join(STYLES)}")
         self.total, self.desc, self.unit, self.every_s, self.style, self.log = total, desc, unit, every_s, style, logger

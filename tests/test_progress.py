@@ -46,3 +46,27 @@ def test_bar_on_a_terminal_and_off(capsys, caplog, monkeypatch):
     monkeypatch.setenv("NEXTSCALE_PROGRESS", "loud")
     with pytest.raises(ValueError, match="NEXTSCALE_PROGRESS='loud': choose one of bar, lines, off"):
         Progress(1, "x")
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text = getattr(self, "text", "") + text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_stages_with_ray_data_bars_draw_none_of_their_own_on_a_terminal(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="nextscale.progress")
+    monkeypatch.delenv("NEXTSCALE_PROGRESS", raising=False)
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert Progress(2, "tokenize", unit="shard", bar=False).style == "off"
+    with Progress(2, "sample") as p:
+        assert p.style == "bar"
+        p.update(2)
+    assert "sample" in terminal.text

@@ -165,7 +165,7 @@ def _use_gpu(cfg: FidConfig) -> bool:
 def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
     """Rows of groups -> arrays indexed by sample index (pool, logits, labels, optional images)."""
     out: dict[str, np.ndarray] = {}
-    progress = Progress(n, "fid: sample + features", unit="img")
+    progress = Progress(n, "fid: sample + features", unit="img", bar=False)  # Ray Data shows its bars
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         valid = batch["index"] >= 0
         progress.update(int(valid.sum()))
@@ -229,7 +229,7 @@ def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict
 
 def _gather_reference(ds) -> np.ndarray:
     keys, pools = [], []
-    progress = Progress(None, "fid: reference features", unit="img")
+    progress = Progress(None, "fid: reference features", unit="img", bar=False)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         keys.append(batch["key"])
         pools.append(batch["pool"])

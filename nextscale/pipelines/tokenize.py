@@ -381,7 +381,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
     pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
     expected: dict[int, int] = {}  # shard -> number of chunks, known once its last chunk arrived
     images, t_first, t_last, busy = 0, float("inf"), 0.0, 0.0
-    progress = Progress(len(todo), "tokenize", unit="shard")
+    progress = Progress(len(todo), "tokenize", unit="shard", bar=False)  # Ray Data shows its bars
     for row in ds.iter_rows():
         t_first, t_last = min(t_first, float(row["t0"])), max(t_last, float(row["t1"]))
         busy += float(row["t1"]) - float(row["t0"])
