@@ -1,31 +1,175 @@
-"""Complete training checkpoints of both training loops: everything needed to continue bit for bit.
+"""One checkpoint layer for both training loops (tokenizer and prior): save, verify, restore.
 
-One file ``state.pt`` in a local folder (the TrainContext persists the folder): the model's state dict
-taken from the unwrapped module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare VAR),
-EMA weights if any, optimizer, GradScaler, step, epoch, every rank's loader position and RNG states
-(CPU, CUDA, numpy, python), the metric history and the resolved config. With FSDP the model and
-optimizer states are gathered to full (unsharded) tensors, so the weights load anywhere; the FSDP
-optimizer state is keyed by parameter name and resumes under FSDP.
+A loop describes what it trains as a :class:`TrainState` (model, optimizer, step and named components)
+and calls :func:`save` every ``ckpt_every`` steps and :func:`restore` once at the start; the
+:class:`~nextscale.runtime.TrainContext` only moves checkpoint folders to and from storage.
 
-Checkpoints live in the run's output location, which others may be able to write to: they are read
-with ``torch.load(weights_only=True)``, so a planted pickle cannot run code. Everything saved is
-therefore tensors and plain Python values (the numpy and Python RNG states included).
+A checkpoint is a folder with one file ``state.pt``: the model's state dict taken from the unwrapped
+module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare model), the optimizer, the
+step, each component (EMA, GradScaler, discriminator...), every rank's data position and RNG states
+(torch CPU and CUDA, numpy, python) and plain values such as the metric history and the resolved
+config. With FSDP the model and optimizer states are gathered to full (unsharded) tensors, so the
+weights load anywhere; the FSDP optimizer state is keyed by parameter name and resumes under FSDP.
+Beside it, ``checksums.json`` holds the sha256 and size of every file.
+
+Damage: :func:`restore` takes the newest checkpoint whose files match their checksums and load; a
+truncated or altered one is skipped with a warning naming it and why, and if none verifies the
+error names them all. Security: checkpoints live in the run's output location, which others may be
+able to write to, so they are read with ``torch.load(weights_only=True)``: a planted pickle cannot
+run code. Everything saved is therefore tensors and plain Python values.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
+import logging
 import os
 import pickle
 import random
-from typing import Any
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
 
+from nextscale import storage
+
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
+CHECKSUMS_FILE = "checksums.json"
+FORMAT = 2  # 1: state.pt alone (numpy / python RNG states as pickled objects); 2: + checksums.json, tensor RNG
+
+
+def run_id(kind: str, output: str) -> str:
+    """A stable id of the ``kind`` run writing to ``output`` (Ray run name, wandb id): a rerun finds the same one."""
+    return f"{kind}-" + hashlib.sha1(storage.filesystem(output)[1].encode()).hexdigest()[:10]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint saves and :func:`restore` sets back: the live training objects of one rank."""
+
+    model: nn.Module  # the bare model (it may be sharded in place by FSDP); wrappers are looked through
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    components: dict[str, Stateful] = dataclasses.field(default_factory=dict)  # the same on every rank: EMA, scaler...
+    per_rank: dict[str, Stateful] = dataclasses.field(default_factory=dict)  # each rank's own: data position
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain values, saved and restored (history)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain values for readers, saved only (config)
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as a :class:`Stateful` component."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any] | torch.Tensor) -> None:
+        # format 1 stored the bare state tensor
+        self.generator.set_state(state["state"] if isinstance(state, dict) else state)
+
+
+class CheckpointContext(Protocol):
+    """The part of :class:`~nextscale.runtime.TrainContext` this layer uses."""
+
+    rank: int
+    world_size: int
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None: ...
+
+    def checkpoints(self) -> Iterator[tuple[str, str]]: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Save and restore (collective: every rank calls them)
+
+
+def save(ctx: CheckpointContext, state: TrainState, metrics: dict[str, float]) -> None:
+    """Checkpoint ``state`` and report ``metrics`` with it (rank 0 writes the folder, the context persists it)."""
+    rngs = gather_from_ranks(rng_state(), ctx.world_size)
+    per_rank = {name: gather_from_ranks(obj.state_dict(), ctx.world_size) for name, obj in state.per_rank.items()}
+    model_sd = optim_sd = None
+    if is_sharded(state.model) or ctx.rank == 0:
+        model_sd, optim_sd = model_and_optimizer_state(state.model, state.optimizer)
+    if ctx.rank != 0:
+        ctx.report(metrics)
+        return
+    payload = {"format": FORMAT, "step": state.step, "world_size": ctx.world_size, "model": model_sd,
+               "optimizer": optim_sd, "rng": rngs, **per_rank,
+               **{name: obj.state_dict() for name, obj in state.components.items()}, **state.extra,
+               **state.info}
+    with tempfile.TemporaryDirectory(prefix="nextscale-ckpt-") as tmp:
+        write(tmp, payload)
+        ctx.report(metrics, checkpoint_dir=tmp)
+
+
+def restore(ctx: CheckpointContext, state: TrainState,
+            check: Callable[[dict[str, Any], str], None] | None = None) -> bool:
+    """Set ``state`` from the newest checkpoint that verifies; False on a fresh start (no checkpoint).
+
+    Damaged checkpoints are skipped with a warning; :class:`CheckpointError` if there are checkpoints
+    but none verifies. ``check(saved, where)`` may refuse the chosen checkpoint (e.g. another model family)
+    before anything is loaded.
+    """
+    payload, where, skipped = None, "", []
+    for where, folder in ctx.checkpoints():
+        try:
+            payload = load(folder)
+            break
+        except (CheckpointError, OSError) as e:
+            log.warning("skipping checkpoint %s: %s", where, e)
+            skipped.append(f"{where} ({e})")
+    if payload is None:
+        if skipped:
+            raise CheckpointError("no checkpoint of this run verifies, so training cannot resume: "
+                                  + "; ".join(skipped) + ". Delete them to start over")
+        return False
+    chosen = gather_from_ranks(where, ctx.world_size)
+    if len(set(chosen)) > 1:
+        raise CheckpointError(f"the workers found different latest checkpoints ({', '.join(sorted(set(chosen)))}); "
+                              "is a storage location unreachable from some nodes?")
+    saved_world = payload.get("world_size", len(payload["rng"]))
+    if state.per_rank and saved_world != ctx.world_size:
+        raise ValueError(f"the checkpoint {where} was written by {saved_world} workers; resume with "
+                         f"workers.count={saved_world} (data positions are per worker)")
+    if check is not None:
+        check(payload, where)
+    if "opt" in payload and "optimizer" not in payload:  # format 1 of the tokenizer
+        payload["optimizer"] = payload.pop("opt")
+    load_model_and_optimizer_state(state.model, state.optimizer, payload["model"], payload["optimizer"])
+    for name, obj in state.components.items():
+        if payload.get(name) is not None:
+            obj.load_state_dict(payload[name])
+    for name, obj in state.per_rank.items():
+        obj.load_state_dict(payload[name][ctx.rank])
+    for name in state.extra:
+        if name in payload:
+            state.extra[name] = payload[name]
+    state.step = int(payload["step"])
+    set_rng_state(payload["rng"][min(ctx.rank, len(payload["rng"]) - 1)])
+    log.info("resumed from checkpoint %s at step %d%s", where, state.step,
+             f" (skipped {len(skipped)} damaged: {'; '.join(skipped)})" if skipped else "")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, optimizer and RNG states
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -118,14 +262,6 @@ def gather_from_ranks(obj: Any, world_size: int) -> list[Any]:
     return [obj]
 
 
-def save(directory: str, state: dict[str, Any]) -> str:
-    """Write ``state`` to ``{directory}/state.pt``; returns the file path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, STATE_FILE)
-    torch.save(state, path)
-    return path
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or holds objects a checkpoint never holds."""
 
@@ -135,15 +271,16 @@ class CheckpointError(RuntimeError):
 _LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def load_file(path: str, data: bytes | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A ``torch.save``d checkpoint file read with ``weights_only=True``: tensors and plain values only.
+def load_file(path: str, data: bytes | None = None) -> dict[str, Any]:
+    """A ``torch.save``d checkpoint (the file ``path``, or its bytes ``data``) read with ``weights_only=True``:
+    tensors and plain values only.
 
-    A file holding any other object (a pickle that could run code) is refused with a :class:`CheckpointError`.
+    A file holding any other object (a pickle that could run code) is refused with a :class:`CheckpointError`
+    naming ``path``; a damaged file raises torch's own error.
     """
-    source = io.BytesIO(data) if data is not None else path
     try:
         with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False: never do that with a file from a storage location
         unsafe = str(e).split("Unsupported global: ")[-1].split(" was not")[0] if "Unsupported global" in str(e) else ""
@@ -153,9 +290,63 @@ def load_file(path: str, data: bytes | None = None, map_location: str | torch.de
             "nextscale: delete it (and check who can write to this location)") from None
 
 
+def write(directory: str, payload: dict[str, Any]) -> None:
+    """``{directory}/state.pt`` and its ``checksums.json``, both flushed to disk."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, STATE_FILE)
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    sums = {name: {"sha256": _sha256(os.path.join(directory, name)), "bytes": os.path.getsize(os.path.join(directory, name))}
+            for name in sorted(os.listdir(directory)) if name != CHECKSUMS_FILE}
+    with open(os.path.join(directory, CHECKSUMS_FILE), "w") as f:
+        json.dump({"format": FORMAT, "files": sums}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(directory: str) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file matches ``checksums.json``.
+
+    Format-1 checkpoints have no checksums: for them only the loading itself can tell damage.
+    """
+    sums_path = os.path.join(directory, CHECKSUMS_FILE)
+    if not os.path.exists(sums_path):
+        return
+    try:
+        with open(sums_path) as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{sums_path} is damaged ({e})") from None
+    for name, expected in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{name} is missing")
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{name} has {size} bytes, its checksum file says {expected['bytes']} (truncated?)")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{name} does not match its sha256 in {CHECKSUMS_FILE} (altered or corrupt)")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load(directory: str) -> dict[str, Any]:
-    """The state saved by :func:`save`, tensors on the CPU."""
+    """The verified state of the checkpoint folder ``directory``, tensors on the CPU."""
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {directory} is not a nextscale checkpoint")
-    return load_file(path)
+        raise CheckpointError(f"{path} does not exist: {directory} is not a nextscale checkpoint")
+    verify(directory)
+    try:
+        return load_file(path)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError) as e:  # torch's zip reader on a truncated or corrupt file
+        raise CheckpointError(f"{STATE_FILE} is damaged (truncated or corrupt): {str(e).splitlines()[0]}") from None

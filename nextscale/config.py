@@ -9,8 +9,10 @@ unknown keys, ill-typed values and failed ``__post_init__`` checks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +21,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _renamed_keys(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         guess = did_you_mean(cls, unknown[0])
@@ -97,6 +101,26 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _renamed_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """``data`` with the keys a config class renamed (its ``RENAMED = {old: "new.dotted"}``) moved to their
+    new place, each with a deprecation warning."""
+    renamed = getattr(cls, "RENAMED", {})
+    old_keys = [k for k in data if k in renamed]
+    if not old_keys:
+        return data
+    data = copy.deepcopy(dict(data))
+    for old in old_keys:
+        new = renamed[old]
+        node = data
+        for part in new.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        if new.split(".")[-1] in node:
+            raise ConfigError(f"{prefix + old!r} and {prefix + new!r} are both set; keep only {prefix + new!r}")
+        node[new.split(".")[-1]] = data.pop(old)
+        log.warning("config key %r is deprecated, use %r", prefix + old, prefix + new)
+    return data
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -286,6 +310,32 @@ class RayConfig:
     address: str = doc("", "Ray cluster address; empty = $RAY_ADDRESS, else start a local Ray instance")
     num_cpus: int = doc(0, "CPUs of a local Ray instance; 0 = all cores of this machine")
     object_store_memory_mb: int = doc(0, "object store size of a local Ray instance; 0 = Ray's default")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkersConfig:
+    """The Ray Train workers of a training stage (train-prior, train-tokenizer): one data-parallel rank each."""
+
+    count: int = doc(1, "Ray Train workers (data-parallel ranks); 0 = run in this process without Ray (train-prior)")
+    use_gpu: bool = doc(False, "one GPU per worker (with count=0: use cuda if available)")
+    cpus_per_worker: float = doc(1.0, "CPUs Ray reserves per worker (Ray also sets its torch threads from it)")
+    strategy: Literal["ddp", "fsdp"] = doc("ddp", "data parallelism: DDP, or FSDP (sharded weights and optimizer "
+                                                  "state, train-prior) for the large presets")
+    max_failures: int = doc(3, "worker-group restarts Ray Train allows (each resumes from the latest checkpoint); "
+                               "-1 = unlimited")
+
+    def __post_init__(self) -> None:
+        require(self.count >= 0, f"workers.count={self.count} must be >= 0 (0 = in this process, no Ray)")
+        require(self.cpus_per_worker > 0, f"workers.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        require(self.max_failures >= -1, f"workers.max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
+        require(self.strategy == "ddp" or self.count >= 2,
+                f"workers.strategy={self.strategy!r} needs workers.count >= 2; use workers.strategy=ddp for one worker")
+
+
+# the top-level keys that became the workers section (accepted with a deprecation warning)
+RENAMED_WORKER_KEYS = {"num_workers": "workers.count", "use_gpu": "workers.use_gpu",
+                       "cpus_per_worker": "workers.cpus_per_worker", "strategy": "workers.strategy",
+                       "max_failures": "workers.max_failures"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

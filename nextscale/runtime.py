@@ -2,8 +2,9 @@
 
 Training loops (``nextscale.prior.engine``, ``nextscale.tokenize.train``) see only a
 :class:`TrainContext`: rank, world size, device, ``report(metrics, checkpoint_dir)`` and
-``restore()``. :class:`LocalContext` runs a loop in this process and keeps checkpoints under the
-run's output URL; ``nextscale.pipelines.train`` provides the Ray Train implementation.
+``checkpoints()``; what goes into a checkpoint and which one to resume from is decided by
+``nextscale.checkpoint``. :class:`LocalContext` runs a loop in this process and keeps checkpoints
+under the run's output URL; ``nextscale.pipelines.train`` provides the Ray Train implementation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -30,8 +32,8 @@ class TrainContext(Protocol):
         """Publish metrics; if ``checkpoint_dir`` (a local folder) is given, persist it as the latest
         checkpoint. Collective: every rank calls it, rank 0 passes the checkpoint."""
 
-    def restore(self) -> str | None:
-        """A local folder holding the latest persisted checkpoint, or None on a fresh start."""
+    def checkpoints(self) -> Iterator[tuple[str, str]]:
+        """(where it is stored, local folder) of each persisted checkpoint, newest first, fetched lazily."""
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for data parallelism (DDP/FSDP) when world_size > 1; identity otherwise."""
@@ -55,7 +57,8 @@ class LocalContext:
         for name in sorted(os.listdir(checkpoint_dir)):
             with open(os.path.join(checkpoint_dir, name), "rb") as f:
                 storage.write_bytes(storage.join(dest, name), f.read())
-        # the COMMITTED marker makes a checkpoint visible to restore() only once all its files exist
+        # every file is written whole (temporary name + fsync + rename, or one PUT); the COMMITTED marker
+        # makes the checkpoint visible to checkpoints() only once all its files exist
         storage.write_text(storage.join(dest, "COMMITTED"), str(step))
         for old in self._committed()[: -self.num_to_keep]:
             storage.remove(storage.join(self.checkpoint_root, old), recursive=True)
@@ -66,19 +69,16 @@ class LocalContext:
             if n.startswith("step-") and storage.exists(storage.join(self.checkpoint_root, n, "COMMITTED"))
         ]
 
-    def restore(self) -> str | None:
-        committed = self._committed()
-        if not committed:
-            return None
-        src = storage.join(self.checkpoint_root, committed[-1])
-        local = os.path.join(self._tmp, committed[-1])
-        shutil.rmtree(local, ignore_errors=True)
-        os.makedirs(local)
-        for name in storage.listdir(src):
-            with open(os.path.join(local, name), "wb") as f:
-                f.write(storage.read_bytes(storage.join(src, name)))
-        log.info("resuming from %s", src)
-        return local
+    def checkpoints(self) -> Iterator[tuple[str, str]]:
+        for name in reversed(self._committed()):
+            src = storage.join(self.checkpoint_root, name)
+            local = os.path.join(self._tmp, name)
+            shutil.rmtree(local, ignore_errors=True)
+            os.makedirs(local)
+            for file in storage.listdir(src):
+                with open(os.path.join(local, file), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(src, file)))
+            yield src, local
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

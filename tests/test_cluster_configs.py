@@ -121,7 +121,7 @@ def test_kuberay_rayjob_manifest_runs_a_real_stage_with_a_valid_runtime_env():
     RuntimeEnv(**{**runtime_env, "working_dir": str(REPO)})  # every field is one Ray knows, with valid values
     # the job asks for as many Train workers as the worker groups have GPUs
     argv = shlex.split(spec["entrypoint"])
-    workers = int(next(a for a in argv if a.startswith("num_workers=")).partition("=")[2])
+    workers = int(next(a for a in argv if a.startswith("workers.count=")).partition("=")[2])
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
                for g in spec["rayClusterSpec"]["workerGroupSpecs"])
     assert workers == gpus

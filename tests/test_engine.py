@@ -41,7 +41,7 @@ def codes(tmp_path_factory) -> str:
 def _cfg(codes: str, out, *extra: str) -> PriorTrainConfig:
     return load_config(PriorTrainConfig, None, [
         f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "steps=6", "log_every=1",
-        "ckpt_every=3", f"output={out}", "num_workers=0", *extra])
+        "ckpt_every=3", f"output={out}", "workers.count=0", *extra])
 
 
 def _rows(out) -> list[dict]:
@@ -99,7 +99,7 @@ def test_loss_curve_is_reproducible_for_a_fixed_seed(codes, tmp_path):
     assert [r["loss"] for r in _rows(tmp_path / "c")] != [r["loss"] for r in a]
 
 
-def test_resume_gives_the_same_next_losses_bit_for_bit(codes, tmp_path):
+def test_resume_gives_the_same_next_losses_bit_for_bit(codes, tmp_path, caplog):
     # 12 steps over 4 batches per epoch: crosses epochs, checkpoints at 5 and 10
     extra = ("steps=12", "ckpt_every=5", "optim.lr=1e-3", "optim.warmup_steps=3",
              "model.overrides.drop_path_rate=0.1")  # condition dropout + drop path: the RNG must resume too
@@ -108,10 +108,14 @@ def test_resume_gives_the_same_next_losses_bit_for_bit(codes, tmp_path):
 
     cfg = _cfg(codes, tmp_path / "cut", *extra)
     with pytest.raises(KeyboardInterrupt):
-        train_prior(cfg, CrashAfter(cfg.output, 5))
-    assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+        train_prior(cfg, CrashAfter(cfg.output, 10))
+    assert [r["step"] for r in _rows(tmp_path / "cut")] == list(range(1, 11))
+    # the latest checkpoint is damaged (a truncated upload): resume from the older one of step 5
+    latest = tmp_path / "cut" / "checkpoints" / "step-00000010" / "state.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     summary = train_prior(cfg, LocalContext(cfg.output))
     assert (summary["steps"], summary["steps_trained"]) == (12, 7)
+    assert "skipping checkpoint" in caplog.text and "step-00000010" in caplog.text and "truncated" in caplog.text
 
     ref, cut = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
     assert [r["step"] for r in cut] == list(range(1, 13))
@@ -131,9 +135,13 @@ def test_checkpoint_is_complete(codes, tmp_path):
 
     cfg = _cfg(codes, tmp_path, "steps=3")
     train_prior(cfg, LocalContext(cfg.output))
-    state = checkpoint.load(LocalContext(cfg.output).restore())
-    assert state["step"] == 3 and state["world_size"] == 1
-    assert set(state) >= {"model", "ema", "optimizer", "scaler", "batches", "rng", "history", "config", "var_config"}
+    where, folder = next(LocalContext(cfg.output).checkpoints())
+    assert where.endswith("step-00000003")
+    checkpoint.verify(folder)
+    state = checkpoint.load(folder)
+    assert state["step"] == 3 and state["world_size"] == 1 and state["format"] == checkpoint.FORMAT
+    assert set(state) >= {"model", "optimizer", "scaler", "batches", "rng", "history", "config", "var_config",
+                          "tokenizer"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     params = dict(load_prior(os.path.join(tmp_path, "prior.pt")).named_parameters())
     assert len(state["optimizer"]["state"]) == len(params) and set(params) < set(state["model"])
@@ -157,14 +165,14 @@ def test_progressive_training_grows_the_active_scales(codes, tmp_path):
 def test_config_errors_name_the_key_and_the_fix(codes, tmp_path):
     with pytest.raises(ConfigError, match="exactly one of steps"):
         _cfg(codes, tmp_path, "epochs=2")
-    with pytest.raises(ConfigError, match="divisible by num_workers=3"):
-        _cfg(codes, tmp_path, "num_workers=3")
+    with pytest.raises(ConfigError, match="divisible by workers.count=3"):
+        _cfg(codes, tmp_path, "workers.count=3")
     with pytest.raises(ConfigError, match="model.preset='d17' is unknown"):
         _cfg(codes, tmp_path, "model.preset=d17")
     with pytest.raises(ConfigError, match="unknown config key 'model.overrides.width'"):
         _cfg(codes, tmp_path, "model.overrides.width=3")
-    with pytest.raises(ConfigError, match="needs num_workers >= 2"):
-        _cfg(codes, tmp_path, "strategy=fsdp")
+    with pytest.raises(ConfigError, match="needs workers.count >= 2"):
+        _cfg(codes, tmp_path, "workers.strategy=fsdp")
     cfg = _cfg(codes, tmp_path, "model.overrides.vocab_size=4096")
     with pytest.raises(ValueError, match="vocab_size=4096 disagrees with the tokenizer's 64"):
         train_prior(cfg, LocalContext(cfg.output))
@@ -181,7 +189,8 @@ def test_demo_configs_load():
         assert cfg.output
     d16 = load_config(PriorTrainConfig, os.path.join(root, "prior_d16.yaml"))
     assert (d16.data.batch_size, d16.epochs, d16.optim.final_lr_ratio) == (768, 200, 0.1)
-    assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.use_gpu
+    assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.workers.use_gpu
+    assert (d16.workers.count, d16.data.loader_processes) == (8, 4)
     d30 = load_config(PriorTrainConfig, os.path.join(root, "prior_d30.yaml"))
     assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
     # M-VAR-d16: VAR-d16's recipe, attn_l2_norm off (official README)
@@ -189,6 +198,16 @@ def test_demo_configs_load():
     assert dataclasses.replace(mvar, model=d16.model, output=d16.output) == d16
     assert mvar.model.var_config().arch == "mvar" and not mvar.model.var_config().attn_l2_norm
 
+
+
+def test_old_worker_keys_still_load_with_a_deprecation_warning(caplog):
+    cfg = load_config(PriorTrainConfig, None, ["steps=1", "num_workers=4", "max_failures=0", "use_gpu=true",
+                                               "data.num_workers=2"])
+    assert (cfg.workers.count, cfg.workers.max_failures, cfg.workers.use_gpu, cfg.data.loader_processes) == (4, 0, True, 2)
+    assert "'num_workers' is deprecated, use 'workers.count'" in caplog.text
+    assert "'data.num_workers' is deprecated, use 'data.loader_processes'" in caplog.text
+    with pytest.raises(ConfigError, match="'num_workers' and 'workers.count' are both set"):
+        load_config(PriorTrainConfig, None, ["steps=1", "num_workers=4", "workers.count=2"])
 
 
 def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):

@@ -85,8 +85,8 @@ def test_train_prior_on_a_flaky_object_store_equals_an_undisturbed_run(s3_server
 
     def train(url: str, out: str) -> tuple[list[float], dict]:
         cfg = load_config(PriorTrainConfig, None, [
-            f"data.url={url}", "data.batch_size=4", "data.num_workers=0", "model.preset=golden_tiny", "steps=4",
-            "log_every=1", "ckpt_every=100", f"output={out}", "num_workers=0"])
+            f"data.url={url}", "data.batch_size=4", "data.loader_processes=0", "model.preset=golden_tiny", "steps=4",
+            "log_every=1", "ckpt_every=100", f"output={out}", "workers.count=0"])
         train_prior(cfg, LocalContext(cfg.output))
         losses = [json.loads(line)["loss"] for line in storage.read_text(f"{out}/metrics.jsonl").splitlines()]
         return losses, torch.load(f"{out}/prior.pt", weights_only=True)["state_dict"]

@@ -70,7 +70,7 @@ def codes(tmp_path_factory) -> str:
 def _prior_cfg(codes: str, out: Path, *extra: str) -> PriorTrainConfig:
     return load_config(PriorTrainConfig, None, [
         f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "steps=4", "log_every=1",
-        "ckpt_every=2", f"output={out}", "num_workers=0", "optim.lr=1e-2", *extra])
+        "ckpt_every=2", f"output={out}", "workers.count=0", "optim.lr=1e-2", *extra])
 
 
 def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(codes, tmp_path):
@@ -103,7 +103,7 @@ def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
     make_demo_data(str(tmp_path / "data"), counts={"train": 1, "val": 1})
     cfg = load_config(TokenizerTrainConfig, None, [
         f"data.url={tmp_path}/data/train", f"data.val_url={tmp_path}/data/val", "data.batch_size=4",
-        "data.num_workers=0", "model.overrides.image_size=16", "model.overrides.patch_nums=1,2,4",
+        "data.loader_processes=0", "model.overrides.image_size=16", "model.overrides.patch_nums=1,2,4",
         "model.overrides.vocab_size=32", "model.overrides.z_channels=8", "model.overrides.using_sa=false",
         "optim.steps=4", "optim.warmup=1", "optim.lr=3e-3", "ema_decay=0", "log_every=1", "ckpt_every=2",
         "sample_every=2", f"output={tmp_path / 'run'}"])

@@ -321,7 +321,7 @@ def small_images(tmp_path_factory):
 
 def _tiny_cfg(root: Path, out: Path, *extra: str) -> TokenizerTrainConfig:
     return load_config(TokenizerTrainConfig, None, [
-        f"data.url={root}/train", f"data.val_url={root}/val", "data.batch_size=8", "data.num_workers=0",
+        f"data.url={root}/train", f"data.val_url={root}/val", "data.batch_size=8", "data.loader_processes=0",
         # a 16-px model small enough for a few seconds of CPU (latent 4x4, 3 scales)
         "model.overrides.image_size=16", "model.overrides.patch_nums=1,2,4", "model.overrides.vocab_size=32",
         "model.overrides.z_channels=8", "model.overrides.using_sa=false",

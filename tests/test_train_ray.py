@@ -1,5 +1,6 @@
 """The prior on 2 Ray Train CPU workers (DDP over gloo): a killed worker is restarted from the latest
-checkpoint and the run ends exactly as an uninterrupted one; rerunning a finished run trains nothing.
+checkpoint and the run ends exactly as an uninterrupted one; rerunning it with its latest checkpoint
+damaged resumes from the older one Ray kept.
 
 Three fits on the session's local Ray instance (~30-60 s each on 2 cores).
 """
@@ -58,8 +59,8 @@ def codes(tmp_path_factory) -> str:
 def _cfg(codes: str, out: str) -> PriorTrainConfig:
     return load_config(PriorTrainConfig, None, [
         f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "model.overrides.drop_path_rate=0.1",
-        f"steps={STEPS}", "log_every=1", f"ckpt_every={CKPT_EVERY}", f"output={out}", "num_workers=2",
-        "max_failures=2", "optim.lr=1e-3", "optim.warmup_steps=2", "ray.num_cpus=2"])
+        f"steps={STEPS}", "log_every=1", f"ckpt_every={CKPT_EVERY}", f"output={out}", "workers.count=2",
+        "workers.max_failures=2", "optim.lr=1e-3", "optim.warmup_steps=2", "ray.num_cpus=2"])
 
 
 def _weights(out: str) -> dict[str, torch.Tensor]:
@@ -95,7 +96,14 @@ def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_lo
     ref_w, cut_w = _weights(str(tmp_path / "ref")), _weights(str(tmp_path / "cut"))
     assert all(torch.equal(ref_w[k], cut_w[k]) for k in ref_w)
 
-    # the same command again: Ray finds the run by its name, restores the last checkpoint, trains nothing
+    # the latest checkpoint (step 8) is damaged in storage: the same command again finds the run by its name,
+    # skips that checkpoint for the older one Ray kept (step 6) and ends equal to the uninterrupted run
+    latest = os.path.join(result.checkpoint.path, "state.pt")
+    with open(latest, "rb") as f:
+        data = f.read()
+    with open(latest, "wb") as f:
+        f.write(data[: len(data) // 2])
     again = run_prior(cfg)
-    assert (again["steps"], again["steps_trained"]) == (STEPS, 0)
+    assert (again["steps"], again["steps_trained"]) == (STEPS, STEPS - 2 * CKPT_EVERY)
+    assert _losses(str(tmp_path / "cut")) == _losses(str(tmp_path / "ref"))
     assert all(torch.equal(ref_w[k], v) for k, v in _weights(str(tmp_path / "cut")).items())

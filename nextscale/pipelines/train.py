@@ -3,8 +3,8 @@
 The training loops are plain PyTorch functions of ``(cfg, ctx)``; here they run in a ``TorchTrainer``
 whose workers see a :class:`RayTrainContext`. The run's name is derived from the output URL and its
 storage lives under ``{output}/ray``, so rerunning the same command resumes from the latest
-checkpoint (and a finished run trains nothing); ``FailureConfig(max_failures)`` restarts the worker
-group from the latest checkpoint when a worker dies. ``num_workers=0`` (prior only) runs the loop in
+checkpoint (and a finished run trains nothing); ``FailureConfig(workers.max_failures)`` restarts the worker
+group from the latest checkpoint when a worker dies. ``workers.count=0`` (prior only) runs the loop in
 this process with a :class:`~nextscale.runtime.LocalContext`, no Ray at all.
 """
 
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -24,10 +25,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from nextscale import storage
+from nextscale.checkpoint import run_id
 from nextscale.logs import setup_logging
 from nextscale.pipelines.common import init_ray
 from nextscale.prior.config import PriorTrainConfig
-from nextscale.prior.engine import run_id, train_prior
+from nextscale.prior.engine import train_prior
+from nextscale.prior.parallelize import parallelize
 from nextscale.runtime import LocalContext
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,6 @@ class RayTrainContext:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.strategy = strategy
-        self._restore_dir: str | None = None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         # collective: every rank reports; only rank 0 attaches the checkpoint (others pass none)
@@ -51,40 +53,28 @@ class RayTrainContext:
         else:
             ray.train.report(metrics)
 
-    def restore(self) -> str | None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._restore_dir = ckpt.to_directory(tempfile.mkdtemp(prefix="nextscale-restore-"))
-        log.info("resuming from %s", ckpt.path)
-        return self._restore_dir
+    def checkpoints(self) -> Iterator[tuple[str, str]]:
+        # get_checkpoint() gives only the latest; the run's other kept checkpoints (num_to_keep) are what
+        # nextscale.checkpoint falls back to when the latest is damaged
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)
+        older = [r.checkpoint for r in sorted(reported, key=lambda r: r.metrics.get("step", -1), reverse=True)
+                 if r.checkpoint.path != latest.path]
+        for ckpt in [latest, *older]:
+            yield ckpt.path, ckpt.to_directory(tempfile.mkdtemp(prefix="nextscale-restore-"))
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
-        if self.world_size == 1:
-            return model
-        if self.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            # one shard unit per transformer block, the embeddings and head in the root unit
-            for block in getattr(model, "blocks", []):
-                fully_shard(block)
-            return fully_shard(model)
-        return ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy="ddp",
-            # the official DDP settings; the buffers (mask, level ids) are constants, no need to sync them
-            parallel_strategy_kwargs={"find_unused_parameters": False, "forward_sync_buffers": False})
-
-
-def run_name(kind: str, output: str) -> str:
-    """Ray run name (and wandb id) of a ``kind`` run writing to ``output``; stable across reruns."""
-    return run_id(output, kind)
+        return model if self.world_size == 1 else parallelize(model, self.strategy, self.device)
 
 
 def _worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     cfg, kind = config["cfg"], config["kind"]
-    ctx = config["context_cls"](strategy=getattr(cfg, "strategy", "ddp"))
+    ctx = config["context_cls"](strategy=cfg.workers.strategy)
     setup_logging(ctx.rank)
     # Ray Train logs every report at INFO; keep the worker's log to the training lines and real warnings
     ray_dir = os.path.dirname(ray.__file__)
@@ -100,7 +90,7 @@ def _worker(config: dict[str, Any]) -> None:
 
 
 def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.Result:
-    """Run the ``kind`` ("prior" | "tokenizer") loop on ``cfg.num_workers`` Ray Train workers; raises on failure.
+    """Run the ``kind`` ("prior" | "tokenizer") loop on ``cfg.workers.count`` Ray Train workers; raises on failure.
 
     ``context_cls`` builds each worker's context (tests pass a subclass that injects a failure).
     """
@@ -109,21 +99,23 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
     fs, path = storage.pyarrow_filesystem(storage.join(cfg.output, "ray"))
     if not storage.is_remote(cfg.output):
         os.makedirs(path, exist_ok=True)
-    resources = {"CPU": getattr(cfg, "cpus_per_worker", 1.0)}
-    if cfg.use_gpu:
+    workers = cfg.workers
+    resources = {"CPU": workers.cpus_per_worker}
+    if workers.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg, "kind": kind, "context_cls": context_cls},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name(kind, cfg.output), storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=getattr(cfg, "max_failures", 3)),
-            checkpoint_config=CheckpointConfig(num_to_keep=getattr(cfg, "keep_checkpoints", 2)),
+            name=run_id(kind, cfg.output), storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    log.info("Ray Train: %s on %d worker(s) (%s), run %s, storage %s", kind, cfg.num_workers,
-             "GPU" if cfg.use_gpu else "CPU", run_name(kind, cfg.output), storage.join(cfg.output, "ray"))
+    log.info("Ray Train: %s on %d worker(s) (%s), run %s, storage %s", kind, workers.count,
+             "GPU" if workers.use_gpu else "CPU", run_id(kind, cfg.output), storage.join(cfg.output, "ray"))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -133,15 +125,15 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
 def run_prior(cfg: PriorTrainConfig) -> dict:
     """``nextscale train-prior``: train the VAR prior on code shards; returns the run's summary."""
     storage.configure(cfg.storage)
-    if cfg.num_workers == 0:
-        device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    if cfg.workers.count == 0:
+        device = "cuda" if cfg.workers.use_gpu and torch.cuda.is_available() else "cpu"
         ctx = LocalContext(cfg.output, device=device, num_to_keep=cfg.keep_checkpoints)
         summary = train_prior(cfg, ctx)
     else:
         result = fit("prior", cfg)
         summary = json.loads(storage.read_text(storage.join(cfg.output, "train_summary.json")))
         summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-        summary["ray_run"] = run_name("prior", cfg.output)
+        summary["ray_run"] = run_id("prior", cfg.output)
     log.info("train-prior: %d steps (%d trained now) on %d worker(s) at %.1f img/s, final loss %.4f; prior in %s, "
              "loss curve in %s, checkpoints under %s", summary["steps"], summary["steps_trained"],
              summary["workers"], summary["img_per_s"], summary["final_loss"], summary["prior_url"],
@@ -150,7 +142,7 @@ def run_prior(cfg: PriorTrainConfig) -> dict:
 
 
 def run_tokenizer(cfg) -> dict:
-    """``nextscale train-tokenizer``: train the multi-scale VQVAE on ``cfg.num_workers`` Ray Train workers."""
+    """``nextscale train-tokenizer``: train the multi-scale VQVAE on ``cfg.workers.count`` Ray Train workers."""
     result = fit("tokenizer", cfg)
     summary: dict[str, Any] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     summary["tokenizer_url"] = storage.join(cfg.output, "tokenizer.pt")
@@ -161,5 +153,5 @@ def run_tokenizer(cfg) -> dict:
         summary["eval"] = json.loads(storage.read_text(eval_url))
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     log.info("train-tokenizer: %s steps on %d worker(s); tokenizer in %s, held-out PSNR %s dB", summary.get("step"),
-             cfg.num_workers, summary["tokenizer_url"], summary.get("eval", {}).get("psnr_db"))
+             cfg.workers.count, summary["tokenizer_url"], summary.get("eval", {}).get("psnr_db"))
     return summary

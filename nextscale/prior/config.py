@@ -8,9 +8,19 @@ weight decay 0.05 (cosine to ``weight_decay_end``), gradient clip 2.0, no label 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, from_dict, require, to_dict
+from nextscale.config import (
+    RENAMED_WORKER_KEYS,
+    RayConfig,
+    StorageConfig,
+    WandbConfig,
+    WorkersConfig,
+    doc,
+    from_dict,
+    require,
+    to_dict,
+)
 from nextscale.prior.model import VAR_PRESETS, VARConfig
 
 # the tokenizer decides these; a model override that disagrees is an error caught at start
@@ -42,14 +52,16 @@ class PriorDataConfig:
                                  "empty = the tokenizer recorded in the codes' manifest")
     tokenizer_preset: str = doc("vae_ch160v4096z32", "VQVAE preset used when tokenizer_url is an official .pth")
     batch_size: int = doc(64, "global batch size (images per step over all workers)")
-    num_workers: int = doc(0, "code-loader worker processes per training worker")
+    loader_processes: int = doc(0, "code-loader processes per training worker (0 = read in the training process)")
     shuffle_buffer: int = doc(2048, "samples in the shuffle buffer of the code loader")
     seed: int = doc(0, "seed of the data order (shard order, shuffling, view choice)")
+
+    RENAMED: ClassVar[dict[str, str]] = {"num_workers": "loader_processes"}
 
     def __post_init__(self) -> None:
         require(bool(self.url), "data.url is empty: point it at the code shards written by `nextscale tokenize`")
         require(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
-        require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        require(self.loader_processes >= 0, f"data.loader_processes={self.loader_processes} must be >= 0")
         require(self.shuffle_buffer >= 1, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1 (1 = no shuffling)")
 
 
@@ -125,14 +137,12 @@ class PriorTrainConfig:
     keep_checkpoints: int = doc(2, "checkpoints kept (older ones are deleted)")
     output: str = doc("runs/prior", "output URL: prior.pt, metrics.jsonl, config.yaml, checkpoints")
     seed: int = doc(0, "seed of the initial weights and of condition dropout / drop path")
-    num_workers: int = doc(1, "Ray Train workers (data-parallel ranks); 0 = run in this process without Ray")
-    use_gpu: bool = doc(False, "one GPU per worker (with num_workers=0: use cuda if available)")
-    cpus_per_worker: float = doc(1.0, "CPUs Ray reserves per worker")
-    strategy: Literal["ddp", "fsdp"] = doc("ddp", "data parallelism: DDP, or FSDP (sharded) for the large presets")
-    max_failures: int = doc(3, "worker-group restarts Ray Train allows (each resumes from the latest checkpoint)")
+    workers: WorkersConfig = doc(WorkersConfig(), "Ray Train workers")
     ray: RayConfig = doc(RayConfig(), "Ray cluster")
     storage: StorageConfig = doc(StorageConfig(), "object storage")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
+
+    RENAMED: ClassVar[dict[str, str]] = RENAMED_WORKER_KEYS
 
     def __post_init__(self) -> None:
         require((self.steps > 0) != (self.epochs > 0),
@@ -142,16 +152,12 @@ class PriorTrainConfig:
         require(self.ckpt_every >= 1, f"ckpt_every={self.ckpt_every} must be >= 1")
         require(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0 (0 = no sample grids)")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0 (0 = in-process, no Ray)")
-        require(self.max_failures >= -1, f"max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
         require(bool(self.output), "output is empty: set it to a local folder or s3:// URL")
-        ranks = max(1, self.num_workers)
+        ranks = max(1, self.workers.count)
         require(self.data.batch_size % ranks == 0,
                 f"data.batch_size={self.data.batch_size} is the global batch and must be divisible by "
-                f"num_workers={ranks}; change one of them")
+                f"workers.count={ranks}; change one of them")
         require(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be >= 0 (0 = the plain loss)")
-        require(self.loss_chunk == 0 or self.strategy == "ddp",
+        require(self.loss_chunk == 0 or self.workers.strategy == "ddp",
                 "loss_chunk runs the head outside the wrapped forward, which FSDP shards; use loss_chunk=0 with "
-                "strategy=fsdp")
-        require(self.strategy == "ddp" or self.num_workers >= 2,
-                f"strategy={self.strategy!r} needs num_workers >= 2; use strategy=ddp for one worker")
+                "workers.strategy=fsdp")

@@ -4,21 +4,20 @@ One step (var_reference §4.1 minus the VQVAE encode): codes (B, L) and labels f
 the teacher-forcing input x_BlCv built from the codes by the tokenizer's quantizer (codebook + Phi
 convs only, fp32, no encoder); logits under autocast; uniform per-token cross-entropy; backward
 (GradScaler for fp16); global-norm clip; AdamW step with the official lr / wd schedules.
-Checkpoints go through ``ctx.report(metrics, checkpoint_dir)``; ``ctx.restore()`` resumes bit for bit.
+Checkpoints go through ``nextscale.checkpoint`` (a :class:`~nextscale.checkpoint.TrainState` saved through
+the context); a rerun resumes bit for bit from the newest checkpoint that verifies.
 The end writes ``{output}/prior.pt`` ({"config": VARConfig, "state_dict": ...}), ``metrics.jsonl``,
 ``config.yaml`` and ``train_summary.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import io
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -47,11 +46,6 @@ log = logging.getLogger(__name__)
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU
 PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
                     "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
-
-
-def run_id(output: str, kind: str = "prior") -> str:
-    """A stable id for the ``kind`` run writing to ``output`` (Ray run name, wandb id): a rerun finds the same one."""
-    return f"{kind}-" + hashlib.sha1(storage.filesystem(output)[1].encode()).hexdigest()[:10]
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
@@ -130,13 +124,10 @@ class Batches:
     Every rank gets the same number of full batches per epoch (``equal_batches``), so DDP ranks stay in step.
     """
 
-    def __init__(self, cfg: PriorTrainConfig, rank: int, world_size: int, epoch: int = 0,
-                 loader_state: dict | None = None):
+    def __init__(self, cfg: PriorTrainConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.epoch = epoch
-        self.loader = self._make(epoch)
-        if loader_state is not None:
-            self.loader.load_state_dict(loader_state)
+        self.epoch = 0
+        self.loader = self._make(self.epoch)
         self._it: Iterator | None = None
 
     def _make(self, epoch: int):
@@ -144,7 +135,7 @@ class Batches:
 
         d = self.cfg.data
         return CodeLoader(d.url, batch_size=d.batch_size // self.world_size, rank=self.rank,
-                          world_size=self.world_size, num_workers=d.num_workers, seed=d.seed,
+                          world_size=self.world_size, num_workers=d.loader_processes, seed=d.seed,
                           shuffle_buffer=d.shuffle_buffer, epoch=epoch, drop_last=True, equal_batches=True)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +148,15 @@ class Batches:
                 self.epoch += 1
                 self.loader, self._it = self._make(self.epoch), None
         raise ValueError(f"rank {self.rank} got no batch from {self.cfg.data.url}: fewer samples than "
-                         f"data.batch_size / num_workers = {self.cfg.data.batch_size // self.world_size}")
+                         f"data.batch_size / workers.count = {self.cfg.data.batch_size // self.world_size}")
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.loader, self._it = self._make(self.epoch), None
+        self.loader.load_state_dict(state["loader"])
 
 
 def active_scales(step: int, total_steps: int, num_scales: int, fraction: float, start: int) -> int:
@@ -248,30 +244,24 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     if cfg.compile:
         net = torch.compile(net)
 
-    step, history, epoch, loader_state = 0, [], 0, None
-    restore_dir = ctx.restore()
     torch.manual_seed(cfg.seed + 1 + rank)  # condition dropout / drop path differ per rank
-    if restore_dir:
-        state = checkpoint.load(restore_dir)
-        if state["world_size"] != world:
-            raise ValueError(f"the checkpoint in {restore_dir} was written by {state['world_size']} workers; "
-                             f"resume with num_workers={state['world_size']} (data positions are per worker)")
-        _check_same_family(state, var_cfg, cfg, restore_dir)
-        checkpoint.load_model_and_optimizer_state(model, optimizer, state["model"], state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, history = state["step"], state["history"]
-        epoch, loader_state = state["batches"][rank]["epoch"], state["batches"][rank]["loader"]
-        checkpoint.set_rng_state(state["rng"][rank])
-        log.info("resumed prior training at step %d of %d", step, total_steps)
-    batches = DevicePrefetcher(Batches(cfg, rank, world, epoch, loader_state), device, enabled=cfg.prefetch)
-    start_step = step
+    state = checkpoint.TrainState(
+        model=model, optimizer=optimizer, components={"scaler": scaler},
+        per_rank={"batches": Batches(cfg, rank, world)},
+        extra={"history": []}, info={"var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer": tokenizer})
+    if checkpoint.restore(ctx, state, check=lambda saved, where: _check_same_family(saved, var_cfg, cfg, where)):
+        log.info("resumed prior training at step %d of %d", state.step, total_steps)
+    # from here on the prefetcher hands out the batches and its position (the last batch handed out) is saved
+    batches = state.per_rank["batches"] = DevicePrefetcher(state.per_rank["batches"], device, enabled=cfg.prefetch)
+    history, step = state.extra["history"], state.step
+    clock = Clock(start_step=step, wall_start=t_start)
 
     if rank == 0:
         storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
     n_params = num_params(var_cfg)
     flops = flops_per_image(var_cfg)
     peak = peak_flops(device, cfg.precision)
-    wandb = WandbRun(cfg.wandb, run_id=run_id(cfg.output), config=cfg, rank=rank)
+    wandb = WandbRun(cfg.wandb, run_id=checkpoint.run_id("prior", cfg.output), config=cfg, rank=rank)
     # rank 0 samples on its own: impossible on a sharded (FSDP) model, whose forward needs every rank
     decoder = functools.cache(lambda: load_codes_tokenizer(cfg, manifest)[0].to(device).eval())
     samples = plots.TrainingPictures(
@@ -283,7 +273,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
              var_cfg.num_tokens, total_steps, global_batch, world, step, schedule.peak_lr, schedule.warmup_steps)
 
     loss_sum = torch.zeros((), device=device)
-    n_window, t_window, t_train, metrics = 0, time.perf_counter(), 0.0, {}
+    n_window, t_window, metrics = 0, time.perf_counter(), {}
     t_loop = t_window  # ETA from wall time: checkpoints and sample grids included
     grad_norm = torch.zeros((), device=device)
     while step < total_steps:
@@ -309,7 +299,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         if step % cfg.log_every == 0 or is_ckpt:
             metrics = _window_metrics(loss_sum, n_window, pred_Bl, codes_BL, patch_nums, scales, world)
             dt = time.perf_counter() - t_window
-            t_train += dt
+            clock.train_s += dt
             img_s = n_window * global_batch / max(dt, 1e-9)
             metrics.update(step=step, epoch=step / steps_per_epoch,
                            lr=lr, wd=wd, grad_norm=float(grad_norm), scales=scales, img_per_s=img_s,
@@ -319,20 +309,23 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
             log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s %s %s", step,
                      total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], lr,
                      metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "",
-                     progress.eta(step - start_step, total_steps - start_step, time.perf_counter() - t_loop), progress.peak_memory(device))
+                     progress.eta(step - clock.start_step, total_steps - clock.start_step, time.perf_counter() - t_loop), progress.peak_memory(device))
             wandb.log(metrics, step=step)
             loss_sum.zero_()
             n_window = 0
             if is_ckpt:
-                _checkpoint(ctx, cfg, var_cfg, model, optimizer, scaler, step, batches, history, metrics, tokenizer)
+                state.step = step
+                if rank == 0:
+                    _write_metrics(cfg.output, history)
+                checkpoint.save(ctx, state, metrics)
             else:
                 ctx.report(metrics)
             t_window = time.perf_counter()
         t_window += samples(step)  # sampling time is left out of the throughput
 
     pictures = {"curves": storage.join(cfg.output, "curves.png"), "samples": samples.where if samples.every else None}
-    summary = _finish(cfg, ctx, var_cfg, model, history, step, start_step, t_train, t_start, tokenizer, n_params, flops,
-                      pictures)
+    state.step = step
+    summary = _finish(cfg, ctx, state, var_cfg, clock, pictures)
     wandb.finish()
     return summary
 
@@ -365,32 +358,6 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes
     return {"loss": loss, "acc_first": a0, "acc_last": a1}
 
 
-def _checkpoint(ctx: TrainContext, cfg: PriorTrainConfig, var_cfg: VARConfig, model: VAR,
-                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int, batches: DevicePrefetcher,
-                history: list[dict], metrics: dict, tokenizer: dict) -> None:
-    # collectives first (every rank): RNG and data positions of all ranks, full state dicts under FSDP
-    rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)
-    positions = checkpoint.gather_from_ranks(batches.state_dict(), ctx.world_size)
-    sharded = checkpoint.is_sharded(model)
-    model_sd = optim_sd = None
-    if sharded or ctx.rank == 0:
-        model_sd, optim_sd = checkpoint.model_and_optimizer_state(model, optimizer)
-    if ctx.rank != 0:
-        ctx.report(metrics)
-        return
-    tmp = tempfile.mkdtemp(prefix="nextscale-prior-ckpt-")
-    try:
-        checkpoint.save(tmp, {
-            "model": model_sd, "ema": None, "optimizer": optim_sd, "scaler": scaler.state_dict(), "step": step,
-            "batches": positions, "rng": rngs, "world_size": ctx.world_size, "history": history,
-            "var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer": tokenizer,
-        })
-        _write_metrics(cfg.output, history)
-        ctx.report(metrics, checkpoint_dir=tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_metrics(output: str, history: list[dict]) -> None:
     storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
     plots.write_curves(storage.join(output, "curves.png"), history, plots.PRIOR_CURVES)
@@ -403,22 +370,32 @@ def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> 
     storage.write_bytes(url, buf.getvalue())
 
 
-def _finish(cfg: PriorTrainConfig, ctx: TrainContext, var_cfg: VARConfig, model: VAR, history: list[dict],
-            step: int, start_step: int, t_train: float, t_start: float, tokenizer: dict, n_params: int,
-            flops: float, pictures: dict) -> dict:
-    trained = step - start_step
-    img_s = trained * cfg.data.batch_size / t_train if trained and t_train > 0 else float("nan")
+@dataclasses.dataclass
+class Clock:
+    """Where this run started (step, wall time) and the seconds spent in training steps since."""
+
+    start_step: int
+    wall_start: float
+    train_s: float = 0.0
+
+
+def _finish(cfg: PriorTrainConfig, ctx: TrainContext, state: checkpoint.TrainState, var_cfg: VARConfig,
+            clock: Clock, pictures: dict) -> dict:
+    history, step, tokenizer = state.extra["history"], state.step, state.info["tokenizer"]
+    trained = step - clock.start_step
+    img_s = trained * cfg.data.batch_size / clock.train_s if trained and clock.train_s > 0 else float("nan")
     summary = {
         "steps": step, "steps_trained": trained, "final_loss": history[-1]["loss"] if history else float("nan"),
         "final_acc_last": history[-1]["acc_last"] if history else float("nan"),
         "img_per_s": img_s, "tokens_per_s": img_s * var_cfg.num_tokens,
         "mfu": history[-1].get("mfu", float("nan")) if history else float("nan"),
-        "tokenizer": tokenizer["source"], "num_params": n_params, "gflops_per_image": flops / 1e9, "workers": ctx.world_size,
-        "minutes": (time.time() - t_start) / 60, "output": cfg.output,
+        "tokenizer": tokenizer["source"], "num_params": num_params(var_cfg),
+        "gflops_per_image": flops_per_image(var_cfg) / 1e9, "workers": ctx.world_size,
+        "minutes": (time.time() - clock.wall_start) / 60, "output": cfg.output,
         "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
         "pictures": pictures,
     }
-    state_dict = checkpoint.full_model_state(model)  # every rank: a collective under FSDP
+    state_dict = checkpoint.full_model_state(state.model)  # every rank: a collective under FSDP
     if ctx.rank == 0:
         save_prior(summary["prior_url"], var_cfg, state_dict, tokenizer=tokenizer, step=step)
         _write_metrics(cfg.output, history)

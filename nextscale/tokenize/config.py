@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
-from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, from_dict, require, to_dict
+from nextscale.config import (
+    RENAMED_WORKER_KEYS,
+    RayConfig,
+    StorageConfig,
+    WandbConfig,
+    WorkersConfig,
+    doc,
+    from_dict,
+    require,
+    to_dict,
+)
 from nextscale.tokenize.vqvae import VQVAE_PRESETS, VQVAEConfig
 
 
@@ -38,9 +48,11 @@ class TokenizerDataConfig:
     crop_ratio: float = doc(1.125, "resize the shorter side to image_size * crop_ratio, then random-crop")
     hflip: bool = doc(True, "random horizontal flips")
     batch_size: int = doc(32, "images per step per worker")
-    num_workers: int = doc(2, "DataLoader worker processes")
+    loader_processes: int = doc(2, "DataLoader processes decoding images (0 = decode once into memory when small)")
     max_images: int = doc(0, "use only the first N training images (0 = all; for smoke tests)")
     max_val_images: int = doc(500, "evaluate on at most this many held-out images (0 = all)")
+
+    RENAMED: ClassVar[dict[str, str]] = {"num_workers": "loader_processes"}
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
@@ -102,12 +114,13 @@ class TokenizerTrainConfig:
                                  "held-out images; 0 = none")
     output: str = doc("runs/tokenizer", "output URL: tokenizer.pt, tokenizer_eval.json, config.yaml, checkpoints/")
     seed: int = doc(0, "seed of weights, data order and augmentation")
-    num_workers: int = doc(1, "Ray Train workers (data-parallel ranks)")
-    use_gpu: bool = doc(False, "one GPU per Ray Train worker")
-    cpus_per_worker: float = doc(1.0, "CPUs reserved per Ray Train worker (Ray also sets its torch threads from it)")
+    keep_checkpoints: int = doc(2, "checkpoints kept (older ones are deleted)")
+    workers: WorkersConfig = doc(WorkersConfig(), "Ray Train workers")
     ray: RayConfig = doc(RayConfig(), "Ray cluster")
     storage: StorageConfig = doc(StorageConfig(), "object storage")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
+
+    RENAMED: ClassVar[dict[str, str]] = RENAMED_WORKER_KEYS
 
     def __post_init__(self) -> None:
         vq = self.vqvae_config()
@@ -117,7 +130,9 @@ class TokenizerTrainConfig:
         require(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must be in [0, 1)")
         require(self.log_every >= 1 and self.ckpt_every >= 1, "log_every and ckpt_every must be >= 1")
         require(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0 (0 = no pictures)")
-        require(self.num_workers >= 1, f"num_workers={self.num_workers} must be >= 1")
+        require(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        require(self.workers.count >= 1, f"workers.count={self.workers.count} must be >= 1 (train-tokenizer runs on Ray)")
+        require(self.workers.strategy == "ddp", "workers.strategy=fsdp is for train-prior; the tokenizer trains with ddp")
 
     def vqvae_config(self) -> VQVAEConfig:
         """The trained architecture (beta from loss.vq_beta)."""

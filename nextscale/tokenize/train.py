@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -128,7 +126,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
     perceptual = Perceptual(cfg.loss.perceptual_weights_url).to(device) if cfg.loss.perceptual > 0 else None
 
     train_items, val_items = split_items(cfg)
-    cache = cfg.data.num_workers == 0 and len(train_items) <= 50_000  # small data: decode once, augment in memory
+    cache = cfg.data.loader_processes == 0 and len(train_items) <= 50_000  # small data: decode once, augment in memory
     train_ds = ImageFolderDataset(train_items, vq_cfg.image_size, train=True, crop_ratio=cfg.data.crop_ratio,
                                   hflip=cfg.data.hflip, seed=cfg.seed, cache=cache)
     sampler_len = len(train_ds) // ctx.world_size
@@ -138,22 +136,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
                          "worker; lower data.batch_size or add images")
 
     restart_gen = torch.Generator().manual_seed(cfg.seed + 7)
-    step, history = 0, []
-    restore_dir = ctx.restore()
-    if restore_dir:
-        state = checkpoint.load(restore_dir)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        if disc is not None and state.get("disc") is not None:
-            disc.load_state_dict(state["disc"])
-            disc_opt.load_state_dict(state["disc_opt"])
-        restart_gen.set_state(state["restart_gen"])
-        step, history = state["step"], state.get("history", [])
-        checkpoint.set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
-        log.info("resumed tokenizer training at step %d", step)
+    components = {"ema": ema, "restart_gen": checkpoint.GeneratorState(restart_gen)}
+    if disc is not None:
+        components.update(disc=disc, disc_opt=disc_opt)
+    state = checkpoint.TrainState(model=model, optimizer=opt, components=components, extra={"history": []},
+                                  info={"config": to_dict(cfg)})
+    if checkpoint.restore(ctx, state):
+        log.info("resumed tokenizer training at step %d", state.step)
+    step, history = state.step, state.extra["history"]
 
-    wandb = WandbRun(cfg.wandb, run_id=f"tokenizer-{abs(hash(cfg.output)) % 10**8}", config=cfg, rank=ctx.rank)
+    wandb = WandbRun(cfg.wandb, run_id=checkpoint.run_id("tokenizer", cfg.output), config=cfg, rank=ctx.rank)
     # the same few held-out images at every step (training images when there are none), center-cropped
     strip_items = (val_items or train_items)[:: max(1, len(val_items or train_items) // plots.STRIP_IMAGES)]
     strip_img = torch.stack(list(ImageFolderDataset(strip_items[: plots.STRIP_IMAGES], vq_cfg.image_size,
@@ -175,7 +167,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             sampler = EpochSampler(len(train_ds), seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
                                    epoch=epoch, start=start * cfg.data.batch_size)
             loader = DataLoader(train_ds, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+                                num_workers=cfg.data.loader_processes, pin_memory=device.type == "cuda")
             yield from loader
             epoch, start = epoch + 1, 0
 
@@ -253,12 +245,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
         if is_ckpt and ctx.rank == 0:
             _write_metrics(cfg.output, history)
         if is_ckpt:
-            _checkpoint(ctx, metrics, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "disc": disc.state_dict() if disc is not None else None,
-                "disc_opt": disc_opt.state_dict() if disc_opt is not None else None,
-                "restart_gen": restart_gen.get_state(), "step": step, "config": to_dict(cfg), "history": history,
-            })
+            state.step = step
+            checkpoint.save(ctx, state, metrics)
         elif step % cfg.log_every == 0:
             ctx.report(metrics)
         t_window += strips(step)  # drawing time is left out of the throughput
@@ -273,7 +261,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
         storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
         if val_items:
             val_ds = ImageFolderDataset(val_items, vq_cfg.image_size, train=False)
-            val_loader = DataLoader(val_ds, batch_size=max(cfg.data.batch_size, 64), num_workers=cfg.data.num_workers)
+            val_loader = DataLoader(val_ds, batch_size=max(cfg.data.batch_size, 64), num_workers=cfg.data.loader_processes)
             evaluation = evaluate_reconstruction(exported, val_loader, device)
             evaluation.update(weights="ema" if cfg.ema_decay > 0 else "raw", steps=step,
                               vqvae=to_dict(vq_cfg), data=cfg.data.val_url or f"{cfg.data.url} (held out)")
@@ -295,17 +283,3 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
 def _write_metrics(output: str, history: list[dict]) -> None:
     storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
     plots.write_curves(storage.join(output, "curves.png"), history, plots.TOKENIZER_CURVES)
-
-
-def _checkpoint(ctx: TrainContext, metrics: dict, state: dict) -> None:
-    # every rank's RNG state, so that a resumed run draws the same augmentation and restarts
-    rngs = checkpoint.gather_from_ranks(checkpoint.rng_state(), ctx.world_size)
-    if ctx.rank != 0:
-        ctx.report(metrics)
-        return
-    tmp = tempfile.mkdtemp(prefix="nextscale-tok-ckpt-")
-    try:
-        checkpoint.save(tmp, {**state, "rng": rngs})
-        ctx.report(metrics, checkpoint_dir=tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
