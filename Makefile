@@ -1,14 +1,18 @@
 # nextscale — every target runs inside .venv, created by `make install` on first use.
-# Stage targets take CONFIG=configs/<file>.yaml and ARGS="key.sub=value ..." and use the Ray cluster
+# Stage targets take CONFIG=<shipped config name or YAML file> and ARGS="key.sub=value ..." and use the Ray cluster
 # in RAY_ADDRESS when it is set, a local Ray instance otherwise.
 
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first so that pip does not pick an arbitrary build for torchvision/torch-fidelity
+# torch is installed first so that pip does not pick an arbitrary build for torchvision/torch-fidelity;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU build (no 3 GB of CUDA libraries)
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 NS := $(BIN)/nextscale
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 export WANDB_DIR ?= $(CURDIR)/runs/wandb
 export RAY_USAGE_STATS_ENABLED ?= 0
 
@@ -17,14 +21,25 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 install: $(STAMP)
 
+# what the stages and the demo need
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# + the test tools and every extra the tests exercise
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+# + the job API client for the submit-* targets
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[cluster,hub,gcs]'
+	touch $(CLUSTER_STAMP)
+
+test: $(DEV_STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -34,38 +49,38 @@ demo-data: $(STAMP)
 	$(NS) make-demo-data data/demo
 
 tokenize: $(STAMP)
-	$(NS) tokenize $(or $(CONFIG),configs/tokenize_demo.yaml) $(ARGS)
+	$(NS) tokenize $(or $(CONFIG),tokenize_demo) $(ARGS)
 
 train-tokenizer: $(STAMP)
-	$(NS) train-tokenizer $(or $(CONFIG),configs/tokenizer_demo.yaml) $(ARGS)
+	$(NS) train-tokenizer $(or $(CONFIG),tokenizer_demo) $(ARGS)
 
 train-prior: $(STAMP)
-	$(NS) train-prior $(or $(CONFIG),configs/prior_demo.yaml) $(ARGS)
+	$(NS) train-prior $(or $(CONFIG),prior_demo) $(ARGS)
 
 sample: $(STAMP)
-	$(NS) sample $(or $(CONFIG),configs/sample_demo.yaml) $(ARGS)
+	$(NS) sample $(or $(CONFIG),sample_demo) $(ARGS)
 
 fid: $(STAMP)
-	$(NS) fid $(or $(CONFIG),configs/fid_demo.yaml) $(ARGS)
+	$(NS) fid $(or $(CONFIG),fid_demo) $(ARGS)
 
 bench: $(STAMP)
 	$(NS) bench $(CONFIG) $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check nextscale tests
 
 clean:
 	rm -rf runs data/demo .pytest_cache
 
-docs: $(STAMP)
+docs: $(DEV_STAMP)
 	$(NS) config-docs > docs/configs.md
 
 # run a stage on the Ray cluster whose dashboard is at RAY_ADDRESS (see docs/cluster.md)
-submit-tokenize: $(STAMP)
-	$(NS) submit tokenize $(or $(CONFIG),configs/tokenize_demo.yaml) $(ARGS)
+submit-tokenize: $(CLUSTER_STAMP)
+	$(NS) submit tokenize $(or $(CONFIG),tokenize_demo) $(ARGS)
 
-submit-train-prior: $(STAMP)
-	$(NS) submit train-prior $(or $(CONFIG),configs/prior_demo.yaml) $(ARGS)
+submit-train-prior: $(CLUSTER_STAMP)
+	$(NS) submit train-prior $(or $(CONFIG),prior_demo) $(ARGS)
 
-submit-fid: $(STAMP)
-	$(NS) submit fid $(or $(CONFIG),configs/fid_demo.yaml) $(ARGS)
+submit-fid: $(CLUSTER_STAMP)
+	$(NS) submit fid $(or $(CONFIG),fid_demo) $(ARGS)

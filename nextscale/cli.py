@@ -1,4 +1,5 @@
-"""The ``nextscale`` command: one subcommand per stage, each ``nextscale <stage> [CONFIG.yaml] [key.sub=value ...]``.
+"""The ``nextscale`` command: one subcommand per stage, each ``nextscale <stage> [CONFIG] [key.sub=value ...]``;
+CONFIG is a YAML file or the name of a shipped config (``nextscale train-prior prior_d16``).
 
 Stage modules are imported lazily so that ``--help`` is quick and only the stage that runs pulls in Ray.
 """
@@ -13,7 +14,7 @@ import shutil
 import sys
 import textwrap
 
-from nextscale.config import ConfigError, describe, dump_yaml, load_config
+from nextscale.config import ConfigError, describe, dump_yaml, load_config, split_config_args
 from nextscale.interrupts import EXIT_CODE, stop_promptly
 from nextscale.logs import setup_logging
 
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_stage_help(args.command))
         return 0
     config_spec, run_spec, _ = STAGES[args.command]
-    path = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
-    overrides = args.args[1:] if path else args.args
+    path, overrides = split_config_args(args.args)
     try:
         cfg = load_config(_resolve(config_spec), path, overrides)
     except ConfigError as e:

@@ -4,7 +4,8 @@ Every stage declares one ``@dataclass(frozen=True, kw_only=True)`` tree whose fi
 doc (``field(metadata={"doc": ...})``, see :func:`doc`). :func:`load_config` merges, in order of
 precedence, command-line overrides > YAML file > dataclass defaults, coerces every value by the
 field's declared type, and raises :class:`ConfigError` naming the key and what is allowed for
-unknown keys, ill-typed values and failed ``__post_init__`` checks.
+unknown keys, ill-typed values and failed ``__post_init__`` checks. A config file is a YAML path or the
+name of a config shipped in the package (``nextscale/configs/<name>.yaml``, e.g. ``prior_d16``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,6 +24,8 @@ import yaml
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 class ConfigError(ValueError):
@@ -46,15 +50,41 @@ def doc(default: Any, text: str, *, keys: type | None = None) -> Any:
 # Loading
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``nextscale/configs/<name>.yaml``)."""
+    return sorted(n.removesuffix(".yaml") for n in os.listdir(SHIPPED_CONFIGS) if n.endswith(".yaml"))
+
+
+def locate_config(spec: str) -> str:
+    """The YAML file ``spec`` names: an existing path, else, for a bare name (``prior_d16``, ``prior_d16.yaml``),
+    the shipped config of that name, wherever the command runs."""
+    if os.path.isfile(spec):
+        return spec
+    name = os.path.basename(spec).removesuffix(".yaml").removesuffix(".yml")
+    shipped = os.path.join(SHIPPED_CONFIGS, f"{name}.yaml")
+    if os.path.isfile(shipped) and os.sep not in spec and "/" not in spec:
+        return shipped
+    close = difflib.get_close_matches(name, shipped_configs(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"config {spec!r} is neither a YAML file nor a shipped config; {hint}give a path or one of: "
+                      f"{', '.join(shipped_configs())}")
+
+
+def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] key.sub=value ...`` -> (CONFIG or None, overrides): an override always holds a '='."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides."""
+    """Build ``cls`` from an optional YAML file (a path or a shipped config's name) plus ``key.sub=value``
+    overrides."""
     data: dict[str, Any] = {}
     if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist; pass CONFIG=configs/<name>.yaml") from None
+        path = locate_config(path)
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
     for item in overrides:

@@ -33,7 +33,11 @@ class WandbRun:
         self._run = None
         if cfg.mode == "disabled" or rank != 0:
             return
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(f"wandb.mode={cfg.mode} needs wandb: pip install 'nextscale[wandb]', or set "
+                               "wandb.mode=disabled") from None
 
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)

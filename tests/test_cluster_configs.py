@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from nextscale.cli import STAGES, _resolve
-from nextscale.config import load_config
+from nextscale.config import load_config, locate_config, split_config_args
 from nextscale.pipelines.common import is_secret
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,10 +32,8 @@ def _check_nextscale_command(command: str) -> str:
     assert argv[:3] == ["python", "-m", "nextscale.cli"], command
     stage, args = argv[3], argv[4:]
     assert stage in STAGES, f"{stage!r} is not a nextscale stage"
-    path = args[0] if args and args[0].endswith((".yaml", ".yml")) else None
-    if path:
-        assert (REPO / path).is_file(), f"{path} (named in {command!r}) does not exist"
-    load_config(_resolve(STAGES[stage][0]), str(REPO / path) if path else None, args[1:] if path else args)
+    path, overrides = split_config_args(args)
+    load_config(_resolve(STAGES[stage][0]), locate_config(path) if path else None, overrides)
     return stage
 
 

@@ -84,7 +84,7 @@ def test_dump_round_trips_and_describe_lists_every_leaf():
     assert keys == ["depth", "name", "patch_nums", "precision", "compile", "resume", "resources", "optim.lr", "optim.betas"]
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "nextscale" / "configs").glob("*.yaml"))
 # a config file is loaded by the stage named by its file name prefix
 PREFIX_TO_STAGE = {"tokenize": "tokenize", "tokenizer": "train-tokenizer", "prior": "train-prior",
                    "sample": "sample", "fid": "fid", "demo": "demo", "bench": "bench"}

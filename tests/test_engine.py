@@ -182,19 +182,18 @@ def test_config_errors_name_the_key_and_the_fix(codes, tmp_path):
 
 
 def test_demo_configs_load():
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("prior_demo", "prior_debug", "prior_d16", "prior_d20", "prior_d24", "prior_d30", "prior_mvar_demo",
                  "prior_mvar_d16"):
-        cfg = load_config(PriorTrainConfig, os.path.join(root, f"{name}.yaml"))
+        cfg = load_config(PriorTrainConfig, name)
         assert cfg.output
-    d16 = load_config(PriorTrainConfig, os.path.join(root, "prior_d16.yaml"))
+    d16 = load_config(PriorTrainConfig, "prior_d16")
     assert (d16.data.batch_size, d16.epochs, d16.optim.final_lr_ratio) == (768, 200, 0.1)
     assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.workers.use_gpu
     assert (d16.workers.count, d16.data.loader_processes) == (8, 4)
-    d30 = load_config(PriorTrainConfig, os.path.join(root, "prior_d30.yaml"))
+    d30 = load_config(PriorTrainConfig, "prior_d30")
     assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
     # M-VAR-d16: VAR-d16's recipe, attn_l2_norm off (official README)
-    mvar = load_config(PriorTrainConfig, os.path.join(root, "prior_mvar_d16.yaml"))
+    mvar = load_config(PriorTrainConfig, "prior_mvar_d16")
     assert dataclasses.replace(mvar, model=d16.model, output=d16.output) == d16
     assert mvar.model.var_config().arch == "mvar" and not mvar.model.var_config().attn_l2_norm
 

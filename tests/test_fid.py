@@ -199,7 +199,7 @@ def test_fid_config_defaults_are_the_paper_protocol_and_checks_name_the_key():
 @pytest.mark.parametrize("name,cls", [("fid_demo.yaml", FidConfig), ("fid_imagenet256.yaml", FidConfig),
                                       ("sample_demo.yaml", SampleConfig)])
 def test_shipped_eval_configs_load(name, cls):
-    cfg = load_config(cls, str(REPO / "configs" / name))
+    cfg = load_config(cls, name)
     if name == "fid_imagenet256.yaml":
         assert (cfg.num_samples, cfg.cfg, cfg.top_k, cfg.top_p) == (50_000, 1.5, 900, 0.96)
         assert cfg.reference.npz.endswith("/VIRTUAL_imagenet256_labeled.npz")

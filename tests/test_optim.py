@@ -1,4 +1,4 @@
-"""Official VAR parameter groups and lr / weight-decay schedules (var_reference §4.2, §4.3)."""
+"""Official VAR parameter groups and lr / weight-decay schedules (docs/var.md §2)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def test_official_presets_have_the_official_keys_shapes_and_counts(preset):
 
 def test_d16_parameter_count_and_flops_match_the_reference():
     assert num_params(VAR_PRESETS["d16"]) == 310_283_520
-    # var_reference §7: forward 310 GFLOP, training 930 GFLOP per image
+    # docs/var.md §4: forward 310 GFLOP, training 930 GFLOP per image
     assert flops_per_image(VAR_PRESETS["d16"], training=False) == pytest.approx(310.06e9, rel=1e-3)
     assert flops_per_image(VAR_PRESETS["d16"]) == pytest.approx(930.2e9, rel=1e-3)
 

@@ -52,8 +52,9 @@ def test_submission_id_is_keyed_by_stage_output_and_resolved_config(tmp_path):
 def test_entrypoint_names_the_shipped_config_and_quotes_overrides(tmp_path):
     outside = sub.plan("tokenize", _yaml(tmp_path / "tok.yaml", {"output": "o"}), ["input=a dir/with space"])
     assert outside.entrypoint == "python -m nextscale.cli tokenize submitted/tok.yaml 'input=a dir/with space'"
-    inside = sub.plan("train-tokenizer", str(REPO / "configs" / "tokenizer_demo.yaml"), ["optim.steps=3"])
-    assert inside.entrypoint == "python -m nextscale.cli train-tokenizer configs/tokenizer_demo.yaml optim.steps=3"
+    inside = sub.plan("train-tokenizer", "tokenizer_demo", ["optim.steps=3"])
+    assert inside.entrypoint == \
+        "python -m nextscale.cli train-tokenizer nextscale/configs/tokenizer_demo.yaml optim.steps=3"
     assert sub.plan("tokenize", None, ["output=o"]).entrypoint == "python -m nextscale.cli tokenize output=o"
 
 
@@ -63,7 +64,7 @@ def test_working_dir_holds_the_package_the_configs_and_the_submitted_file(tmp_pa
     staging.mkdir()
     sub.stage_working_dir(str(staging), config)
     assert (staging / "nextscale" / "cli.py").read_text() == (REPO / "nextscale" / "cli.py").read_text()
-    assert (staging / "configs" / "tokenizer_demo.yaml").is_file()
+    assert (staging / "nextscale" / "configs" / "tokenizer_demo.yaml").is_file()
     assert (staging / "submitted" / "tok.yaml").read_text() == (tmp_path / "tok.yaml").read_text()
     assert not list(staging.rglob("__pycache__")) and not (staging / "tests").exists()
     env = sub.plan("tokenize", config).runtime_env(str(staging), pip=["x==1"])

@@ -1,6 +1,6 @@
 """Configs of evaluation: ``nextscale sample`` (:class:`SampleConfig`) and ``nextscale fid`` (:class:`FidConfig`).
 
-The FID defaults are the paper's protocol (var_reference §5): 50 images for each of 1000 classes,
+The FID defaults are the paper's protocol (docs/var.md §3): 50 images for each of 1000 classes,
 cfg 1.5, top-k 900, top-p 0.96, ``more_smooth`` off, torch-fidelity's TensorFlow-compatible
 Inception-v3, the ADM ``VIRTUAL_imagenet256_labeled.npz`` reference.
 """

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TextIO
 
 import nextscale
-from nextscale.config import ConfigError, dump_yaml, load_config
+from nextscale.config import ConfigError, dump_yaml, load_config, locate_config, split_config_args
 from nextscale.pipelines.common import is_secret
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def plan(stage: str, config_path: str | None = None, overrides: Sequence[str] = 
 
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    config_path = locate_config(config_path) if config_path else None
     cfg = load_config(_resolve(STAGES[stage][0]), config_path, overrides)
     config_yaml = dump_yaml(cfg)
     output = str(getattr(cfg, "output", "") or "")
@@ -148,11 +149,8 @@ def plan(stage: str, config_path: str | None = None, overrides: Sequence[str] = 
 
 
 def stage_working_dir(dest: str, config_path: str | None = None) -> str:
-    """Fill ``dest`` with what the job needs: the package, the project's configs/, the config file."""
+    """Fill ``dest`` with what the job needs: the package (with its shipped configs) and the config file."""
     shutil.copytree(Path(nextscale.__file__).resolve().parent, Path(dest, "nextscale"), ignore=STAGING_IGNORE)
-    root = project_root()
-    if root is not None and (root / "configs").is_dir():
-        shutil.copytree(root / "configs", Path(dest, "configs"), ignore=STAGING_IGNORE)
     if config_path:
         target = Path(dest, _job_config_path(config_path))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -209,13 +207,18 @@ def check_credentials_go_to_an_authenticated_head(job: JobPlan, address: str | N
 
 def client(address: str | None = None):
     """A JobSubmissionClient for ``address`` / ``$RAY_ADDRESS`` with the auth header when a token is set."""
-    from ray.job_submission import JobSubmissionClient
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as e:
+        raise SubmitError(f"the Ray job API client is not installed ({e}); pip install 'nextscale[cluster]'") from e
 
     address = dashboard_address(address)
     try:
         return JobSubmissionClient(address, headers=auth_headers())
     except Exception as e:  # ConnectionError, RuntimeError, ray.exceptions.AuthenticationError
         text = str(e)
+        if "ray[default]" in text:
+            raise SubmitError(f"{text.splitlines()[0]}: pip install 'nextscale[cluster]'") from e
         if "uthenticat" in text or "401" in text or "403" in text:
             raise SubmitError(f"the cluster at {address} refused the request: {text.splitlines()[0]}; set "
                               "RAY_AUTH_TOKEN to the head's token (`ray get-auth-token` on the head)") from e
@@ -293,6 +296,7 @@ def submit(stage: str, config_path: str | None = None, overrides: Sequence[str] 
     the environment travel only with ``credentials`` and only to a head that requires a token.
     """
     out = sys.stdout if out is None else out
+    config_path = locate_config(config_path) if config_path else None
     job = plan(stage, config_path, overrides, credentials=credentials)
     check_credentials_go_to_an_authenticated_head(job, address)
     job_client = client(address)
@@ -333,9 +337,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-credentials", action="store_true", help="send no secret variables (AWS keys, "
                         "WANDB_API_KEY...): the nodes have their own (instance profile, workload identity)")
     args = parser.parse_intermixed_args(list(argv))
-    path = args.args[0] if args.args and args.args[0].endswith((".yaml", ".yml")) else None
+    path, overrides = split_config_args(args.args)
     try:
-        return submit(args.stage, path, args.args[1:] if path else args.args, address=args.address,
+        return submit(args.stage, path, overrides, address=args.address,
                       wait=not args.no_wait, pip=args.pip, credentials=not args.no_credentials)
     except (ConfigError, SubmitError) as e:
         log.error("nextscale submit %s: %s", args.stage, e)

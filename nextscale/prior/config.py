@@ -1,6 +1,6 @@
 """Config of VAR prior training: ``nextscale train-prior CONFIG key.sub=value``.
 
-The official recipe (var_reference §4): AdamW (0.9, 0.95), peak lr = base_lr * global_batch / 256,
+The official recipe (docs/var.md §2): AdamW (0.9, 0.95), peak lr = base_lr * global_batch / 256,
 linear warm-up from 0.5 % over ``epochs / 50``, then the 'lin0' schedule down to ``final_lr_ratio``,
 weight decay 0.05 (cosine to ``weight_decay_end``), gradient clip 2.0, no label smoothing.
 """

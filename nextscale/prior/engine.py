@@ -1,6 +1,6 @@
 """VAR prior training loop on pretokenized codes (plain PyTorch; run in-process or by the Ray Train launcher).
 
-One step (var_reference §4.1 minus the VQVAE encode): codes (B, L) and labels from the code loader;
+One step (docs/var.md §2, minus the VQVAE encode): codes (B, L) and labels from the code loader;
 the teacher-forcing input x_BlCv built from the codes by the tokenizer's quantizer (codebook + Phi
 convs only, fp32, no encoder); logits under autocast; uniform per-token cross-entropy; backward
 (GradScaler for fp16); global-norm clip; AdamW step with the official lr / wd schedules.

@@ -519,7 +519,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype:
 def flops_per_image(cfg: VARConfig, training: bool = True) -> float:
     """Matmul FLOPs (multiply-add = 2) of one teacher-forced image; x3 for forward + backward.
 
-    VAR's attention is counted dense over L x L, as a masked dense kernel computes it (var_reference §7:
+    VAR's attention is counted dense over L x L, as a masked dense kernel computes it (docs/var.md §4:
     d16 = 310 GFLOP forward, 930 GFLOP training); M-VAR's over each scale's pn^2 x pn^2 block, plus the
     Mamba2 projections and its chunked scan (chunk-local C B^T and its product with x, chunk states).
     """
@@ -572,7 +572,7 @@ VAR_PRESETS: dict[str, VARConfig] = {
     # parameters, ~0.75 GFLOP per training image, so a 2-core CPU sees several epochs in a few minutes
     "demo": VARConfig(depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512, latent_channels=16,
                       patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    # M-VAR (mvar_reference §2-3): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
+    # M-VAR (docs/var.md §5): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
     # attn_l2_norm (official README). d32 is the paper's "3.0 B" model: 3.66 B by the code's size rule.
     "mvar_d12": VARConfig(arch="mvar", depth=12, init_adaln_gamma=1e-3),
     "mvar_d16": VARConfig(arch="mvar", depth=16, attn_l2_norm=False, init_adaln_gamma=1e-3),
