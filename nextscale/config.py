@@ -66,8 +66,8 @@ def locate_config(spec: str) -> str:
         return shipped
     close = difflib.get_close_matches(name, shipped_configs(), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"config {spec!r} is neither a YAML file nor a shipped config; {hint}give a path or one of: "
-                      f"{', '.join(shipped_configs())}")
+    raise ConfigError(f"config {spec!r} does not exist (no such YAML file, nor a shipped config); {hint}give a "
+                      f"path or one of: {', '.join(shipped_configs())}")
 
 
 def split_config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -151,7 +151,7 @@ def test_docs_name_only_existing_configs_and_stages():
     commands = re.findall(r'make submit-([a-z-]+) CONFIG=(\S+) ARGS="([^"]*)"', guide)
     assert {stage for stage, *_ in commands} == {"tokenize", "train-prior", "fid"}
     for stage, config, args in commands:
-        load_config(_resolve(STAGES[stage][0]), str(REPO / config), args.split())
+        load_config(_resolve(STAGES[stage][0]), locate_config(config), args.split())
 
 
 def _stage_of(path: str) -> str:

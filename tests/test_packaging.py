@@ -73,7 +73,7 @@ def test_stage_configs_ship_in_the_package_and_are_found_by_name(tmp_path, monke
     assert locate_config("prior_d16.yaml") == "prior_d16.yaml"
     with pytest.raises(ConfigError, match=r"did you mean 'prior_demo'\? give a path or one of: fid_demo, "):
         locate_config("prior_demoo")
-    with pytest.raises(ConfigError, match="neither a YAML file"):
+    with pytest.raises(ConfigError, match="does not exist"):
         locate_config("configs/prior_d16.yaml")  # a path that does not exist is not silently replaced
 
 
