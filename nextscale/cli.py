@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("submit", help="run a stage on the Ray cluster in $RAY_ADDRESS through the job API")
     p = sub.add_parser("make-demo-data", help="write the built-in demo dataset to OUT")
     p.add_argument("out", help="output folder (an ImageFolder with train/ and val/ splits)")
+    p = sub.add_parser("import-dataset", help="torchvision's MNIST / CIFAR-10 files -> an ImageFolder in OUT")
+    p.add_argument("name", help="mnist or cifar10")
+    p.add_argument("out", help="output folder: <split>/<class>/<image>.png and classes.json")
+    p.add_argument("--source", default="", help="folder holding the dataset's files (default: download them)")
+    p.add_argument("--holdout", type=int, default=0, help="every K-th image of a split goes to <split>_holdout/")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images of each split (smoke tests)")
     sub.add_parser("config-docs", help="print the Markdown config reference (docs/configs.md)")
     args = parser.parse_args(argv)
 
@@ -110,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         from nextscale.demo_data import make_demo_data
 
         print(json.dumps(make_demo_data(args.out), indent=1))
+        return 0
+    if args.command == "import-dataset":
+        from nextscale.datasets import DatasetError, import_dataset
+
+        try:
+            print(json.dumps(import_dataset(args.name, args.out, args.source, args.holdout, args.limit), indent=1))
+        except DatasetError as e:
+            print(f"nextscale import-dataset: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "config-docs":
         print(config_reference(), end="")
