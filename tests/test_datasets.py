@@ -1,4 +1,4 @@
-"""nextscale import-dataset: torchvision's MNIST files (the real t10k split in ../shared/data/mnist) and CIFAR-10
+"""nextscale import-dataset: torchvision's MNIST files (the real t10k split of the shared_data fixture) and CIFAR-10
 python batches -> an ImageFolder with the exact pixels and labels; bad names and tampered pickles refused."""
 
 from __future__ import annotations
