@@ -5,7 +5,8 @@ returns every entry it finds as an item, accepted or rejected with its reason (h
 files outside a class folder, unknown classes, non-image files), so the counts always add up to what is
 on disk. A folder that cannot be listed, or a class folder without an image, stops the listing with a
 message naming it: its images could be neither accepted nor rejected, and leaving a class out would
-shift every later class index.
+shift every later class index. Labels that come with the samples (webdataset ``.cls``) are checked here
+too (:func:`label_reason`, :func:`classes_from_labels`), not in the readers of the input formats.
 
 Decoding (:func:`decode_image`) never raises on bad data: it returns ``(None, reason)`` for empty,
 non-image, corrupt, truncated and too-small files, and converts what can be converted (greyscale,
