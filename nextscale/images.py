@@ -325,6 +325,10 @@ def make_views(img: Image.Image, key: str, *, image_size: int, views: int, augme
 
 
 def to_float(views_NHWC: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (ToTensor, then the official normalize_01_into_pm1)."""
-    x = np.moveaxis(np.asarray(views_NHWC), -1, -3).astype(np.float32) / np.float32(255.0)
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (ToTensor, then the official normalize_01_into_pm1).
+
+    C-contiguous like ToTensor's output: the convolutions see the layout the official code feeds them (an
+    NHWC-strided input picks other CPU kernels, whose rounding can flip a near-tie code).
+    """
+    x = np.ascontiguousarray(np.moveaxis(np.asarray(views_NHWC), -1, -3), dtype=np.float32) / np.float32(255.0)
     return x * np.float32(2.0) - np.float32(1.0)

@@ -72,7 +72,7 @@ def test_to_float_equals_totensor_and_normalize_01_into_pm1():
     t = transforms.ToTensor()(img)
     official = t.add(t).add_(-1)  # VAR utils/data.py normalize_01_into_pm1
     ours = torch.from_numpy(to_float(np.asarray(img)))
-    assert ours.dtype == torch.float32 and torch.equal(ours, official)
+    assert ours.dtype == torch.float32 and torch.equal(ours, official) and ours.is_contiguous()
     batch = np.stack([np.asarray(img)] * 2)
     assert torch.equal(torch.from_numpy(to_float(batch))[1], official)
 
