@@ -197,6 +197,7 @@ def test_credentials_are_never_sent_to_a_head_without_auth(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("WANDB_API_KEY", "k3y")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)  # set by the S3 fixture when other tests ran first
     with RayHead(num_cpus=1) as head:
         assert sub.head_requires_auth(head.address) is False
         with pytest.raises(sub.SubmitError, match="refusing to send AWS_SECRET_ACCESS_KEY, WANDB_API_KEY"):
