@@ -570,6 +570,8 @@ VAR_PRESETS: dict[str, VARConfig] = {
                        patch_nums=(1, 2, 3), drop_path_rate=0.0, init_adaln_gamma=1e-3),
     # the built-in demo dataset (10 classes), pairs with VQVAE preset "demo" (V=512, Cv=16, L=130): 1.3 M
     # parameters, ~0.75 GFLOP per training image, so a 2-core CPU sees several epochs in a few minutes
+    # CPU benchmarks: the official 256-px token pyramid (L=680) and 4096-code head around a 2-block body
+    "small": VARConfig(depth=2, embed_dim=128, num_heads=2, drop_path_rate=0.0, init_adaln_gamma=1e-3),
     "demo": VARConfig(depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512, latent_channels=16,
                       patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0, init_adaln_gamma=1e-3),
     # M-VAR (docs/var.md §5): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
