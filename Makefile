@@ -17,6 +17,7 @@ export WANDB_DIR ?= $(CURDIR)/runs/wandb
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: docs install test demo demo-data tokenize train-tokenizer train-prior sample fid bench lint clean \
+        gpu-check gpu-check-prepare \
         submit-tokenize submit-train-prior submit-fid
 
 install: $(STAMP)
@@ -65,6 +66,19 @@ fid: $(STAMP)
 
 bench: $(STAMP)
 	$(NS) bench $(CONFIG) $(ARGS)
+
+# golden parity, lever numerics and benchmarks on one device into one JSON file (scripts/gpu_check.py);
+# no venv dependency: on a bare GPU machine it installs the Ray stack from .whl. DEVICE=cpu rehearses it.
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check:
+	scripts/gpu-check.sh $(DEVICE) $(GPU_CHECK_OUT) $(ARGS)
+
+# what a GPU machine needs beside the repository: the Ray stack's wheels and 128 real 256-px JPEGs (~6 MiB)
+gpu-check-prepare: $(STAMP)
+	test -d .whl || ../shared/tools/gpu-wheels .whl
+	test -d .gpu-check/imagenet256 || $(BIN)/python scripts/gpu_check.py --prepare-images \
+		../shared/data/imagenet-sample .gpu-check/imagenet256 --num-images 128
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check nextscale tests

@@ -153,6 +153,10 @@ def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Gener
 def _graphed_run_blocks(var: VAR):
     """``var.run_blocks`` compiled for CUDA-graph replay, cached on the model (one compile per model)."""
     if getattr(var, "_graphed_run_blocks", None) is None:
+        # one graph per scale: each scale has its own shapes and cache offset (a recompile each), more than
+        # dynamo's default limit of 8 for the 10 scales of the 256-px pyramid
+        limit = max(4 * len(var.patch_nums), torch._dynamo.config.recompile_limit)
+        torch._dynamo.config.recompile_limit = limit
         var._graphed_run_blocks = torch.compile(var.run_blocks, mode="reduce-overhead", dynamic=False)
     return var._graphed_run_blocks
 
