@@ -114,6 +114,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Recursively build dataclass ``cls`` from a mapping, checking keys and types."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    data = _renamed(cls, data, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     data = _renamed_keys(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
@@ -174,6 +175,26 @@ def did_you_mean(cls: type, key: str) -> str | None:
     scored = [(score(c), -c.count("."), c) for c in all_keys(cls) if c != key]
     best = max(scored, default=None)
     return best[2] if best and best[0] >= 0.75 else None
+
+
+def _renamed(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """Keys a config renamed still load: ``ALIASES = {"old": "new.dotted"}`` on the class moves them."""
+    aliases = getattr(cls, "ALIASES", {})
+    if not any(old in data for old in aliases):
+        return data
+    data = dict(data)
+    for old, new in aliases.items():
+        if old not in data:
+            continue
+        *parents, leaf = new.split(".")
+        node = data
+        for part in parents:
+            node[part] = node = dict(node.get(part) or {})
+        if leaf in node:
+            raise ConfigError(f"{prefix + old!r} and {prefix + new!r} are the same setting: keep {prefix + new!r}")
+        node[leaf] = data.pop(old)
+        log.warning("config key %r is now %r", prefix + old, prefix + new)
+    return data
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:

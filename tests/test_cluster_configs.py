@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nextscale.cli import STAGES, _resolve
 from nextscale.config import load_config, locate_config, split_config_args
 from nextscale.pipelines.common import is_secret
+from nextscale.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "configs" / "cluster"
@@ -33,7 +33,7 @@ def _check_nextscale_command(command: str) -> str:
     stage, args = argv[3], argv[4:]
     assert stage in STAGES, f"{stage!r} is not a nextscale stage"
     path, overrides = split_config_args(args)
-    load_config(_resolve(STAGES[stage][0]), locate_config(path) if path else None, overrides)
+    load_config(STAGES[stage].config, locate_config(path) if path else None, overrides)
     return stage
 
 
@@ -143,7 +143,7 @@ def test_docs_name_only_existing_configs_and_stages():
         for path in sorted(set(re.findall(r"configs/[\w/.-]+\.ya?ml", text))):
             assert (REPO / path).is_file(), f"{path} is named in the docs but does not exist"
             if not path.startswith("configs/cluster/"):
-                load_config(_resolve(STAGES[_stage_of(path)][0]), str(REPO / path))
+                load_config(STAGES[_stage_of(path)].config, str(REPO / path))
         for stage in re.findall(r"nextscale submit ([a-z][a-z-]*)", text):
             assert stage in STAGES, stage
     # every `make submit-<stage> CONFIG=... ARGS="..."` of the guide loads with its overrides
@@ -151,7 +151,7 @@ def test_docs_name_only_existing_configs_and_stages():
     commands = re.findall(r'make submit-([a-z-]+) CONFIG=(\S+) ARGS="([^"]*)"', guide)
     assert {stage for stage, *_ in commands} == {"tokenize", "train-prior", "fid"}
     for stage, config, args in commands:
-        load_config(_resolve(STAGES[stage][0]), locate_config(config), args.split())
+        load_config(STAGES[stage].config, locate_config(config), args.split())
 
 
 def _stage_of(path: str) -> str:

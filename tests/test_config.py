@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from nextscale.cli import STAGES, _resolve
 from nextscale.config import ConfigError, describe, doc, dump_yaml, load_config, require
+from nextscale.stages import STAGES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +93,7 @@ PREFIX_TO_STAGE = {"tokenize": "tokenize", "tokenizer": "train-tokenizer", "prio
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "cluster" not in p.parts], ids=lambda p: p.name)
 def test_every_config_file_loads_into_its_stage_config(path):
     stage = PREFIX_TO_STAGE[path.stem.split("_")[0]]
-    cfg = load_config(_resolve(STAGES[stage][0]), str(path))
+    cfg = load_config(STAGES[stage].config, str(path))
     assert dataclasses.is_dataclass(cfg)
 
 
@@ -113,7 +113,7 @@ def test_docs_config_reference_is_current():
 ])
 def test_unknown_keys_get_a_did_you_mean(stage, override, guess):
     with pytest.raises(ConfigError) as e:
-        load_config(_resolve(STAGES[stage][0]), None, [override, "steps=1"] if stage == "train-prior" else [override])
+        load_config(STAGES[stage].config, None, [override, "steps=1"] if stage == "train-prior" else [override])
     assert f"did you mean {guess!r}?" in str(e.value)
 
 

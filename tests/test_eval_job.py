@@ -52,7 +52,7 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     prior, tokenizer = write_tiny_models(tmp_path / "models")
     _reference_folder(tmp_path / "ref")
     common = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=11",
-              "num_classes=10", "samples_per_class=2", "group_size=4", "cfg=1.5", "top_k=0", "top_p=0.0",
+              "num_classes=10", "samples_per_class=2", "group_size=4", "sampling.guidance=1.5", "sampling.top_k=0", "sampling.top_p=0.0",
               "feature_batch_size=3", "device=cpu", "cpus_per_actor=0.5",
               "save_npz=true"]
     # run one asks for Inception without weights and falls back to the test extractor that run two asks for

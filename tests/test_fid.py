@@ -14,7 +14,7 @@ from PIL import Image
 from nextscale.config import ConfigError, load_config
 from nextscale.eval import features
 from nextscale.eval.classifier import evaluate_demo_samples, train_classifier
-from nextscale.eval.config import INCEPTION_FILE, FidConfig, SampleConfig
+from nextscale.eval.config import INCEPTION_FILE, FidConfig, SampleConfig, SamplingConfig
 from nextscale.eval.fid import (
     FeatureStats,
     frechet_distance,
@@ -22,6 +22,7 @@ from nextscale.eval.fid import (
     load_reference_npz,
     manifold_radii,
     precision_recall,
+    write_sample_npz,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,19 @@ def test_streamed_statistics_merge_to_the_one_shot_statistics():
     np.testing.assert_allclose(merged.sigma, one_shot.sigma, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="cannot merge"):
         merged.merge(FeatureStats(3))
+
+
+def test_chunked_statistics_depend_only_on_the_rows_and_the_sample_npz_round_trips(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2 * FeatureStats.CHUNK + 5, 6)).astype(np.float32)
+    stats = FeatureStats.in_chunks(x)
+    assert stats.n == len(x) and stats.digest == FeatureStats.in_chunks(x.copy()).digest
+    np.testing.assert_allclose(stats.sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+    assert FeatureStats.in_chunks(x[:-1]).digest != stats.digest
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    write_sample_npz(str(tmp_path / "s.npz"), images, np.arange(3))
+    with np.load(tmp_path / "s.npz") as got:
+        assert np.array_equal(got["arr_0"], images) and got["labels"].tolist() == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,14 +198,21 @@ def test_reference_npz_loading(tmp_path):
 def test_fid_config_defaults_are_the_paper_protocol_and_checks_name_the_key():
     cfg = FidConfig()
     assert (cfg.num_samples, cfg.num_classes, cfg.samples_per_class) == (50_000, 1000, 50)
-    assert (cfg.cfg, cfg.top_k, cfg.top_p, cfg.more_smooth) == (1.5, 900, 0.96, False)
+    assert cfg.sampling == SampleConfig().sampling == SamplingConfig(guidance=1.5, top_k=900, top_p=0.96,
+                                                                     more_smooth=False)
     assert cfg.feature_extractor == "inception-v3-compat"
     assert [cfg.label_of(i) for i in (0, 49, 50, 49_999)] == [0, 0, 1, 999]
     with pytest.raises(ConfigError, match="exactly one of reference.npz"):
         load_config(FidConfig, None, ["reference.images=data/demo/val", "reference.npz=ref.npz"])
     assert load_config(FidConfig, None, ["reference.images=data/demo/val"]).reference.npz == ""
-    with pytest.raises(ConfigError, match="top_p"):
-        load_config(FidConfig, None, ["top_p=1.5"])
+    with pytest.raises(ConfigError, match="sampling.top_p=1.5"):
+        load_config(FidConfig, None, ["sampling.top_p=1.5"])
+    # the keys of before the sampling section still load where they went
+    old = load_config(FidConfig, None, ["cfg=2.5", "top_k=7", "more_smooth=true"])
+    assert old.sampling == SamplingConfig(guidance=2.5, top_k=7, more_smooth=True)
+    assert load_config(SampleConfig, None, ["sampling.cfg=3"]).sampling.guidance == 3.0
+    with pytest.raises(ConfigError, match="keep 'sampling.guidance'"):
+        load_config(FidConfig, None, ["cfg=2.5", "sampling.guidance=1"])
     with pytest.raises(ConfigError, match="save_npz"):
         load_config(FidConfig, None, ["classifier.train_images=a", "classifier.heldout_images=b"])
 
@@ -201,7 +222,7 @@ def test_fid_config_defaults_are_the_paper_protocol_and_checks_name_the_key():
 def test_shipped_eval_configs_load(name, cls):
     cfg = load_config(cls, name)
     if name == "fid_imagenet256.yaml":
-        assert (cfg.num_samples, cfg.cfg, cfg.top_k, cfg.top_p) == (50_000, 1.5, 900, 0.96)
+        assert (cfg.num_samples, cfg.sampling) == (50_000, SamplingConfig())
         assert cfg.reference.npz.endswith("/VIRTUAL_imagenet256_labeled.npz")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -74,3 +75,15 @@ def test_no_package_imports_rebind_stdlib_or_builtin_names():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "nextscale":
                 assert not {a.name for a in node.names} & {"tokenize", "eval"}, p
+
+
+def test_the_stage_table_is_complete_and_help_imports_neither_ray_nor_torch():
+    from nextscale import stages
+
+    assert list(stages._configs()) == list(stages._drivers()) == list(stages.STAGES)
+    assert all(callable(s.run) and dataclasses.is_dataclass(s.config) for s in stages.STAGES.values())
+    code = ("import contextlib, io, sys\nfrom nextscale.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"

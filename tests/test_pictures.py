@@ -11,11 +11,14 @@ from eval_models import write_tiny_models
 from PIL import Image
 
 from nextscale.config import load_config
-from nextscale.eval.config import ModelsConfig, SampleConfig
+from nextscale.eval.config import ModelsConfig, SampleConfig, SamplingConfig
 from nextscale.eval.edit import box_mask, edit_image, load_image
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import load_models, load_prior, seeded_generator
-from nextscale.eval.pictures import coarse_to_fine, run, sample_grid
+from nextscale.eval.pictures import coarse_to_fine, sample_grid
+from nextscale.pipelines.sample import run
+
+PLAIN = SamplingConfig(guidance=1.5, top_k=0, top_p=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def test_pictures_have_the_exact_expected_size(tiny, tmp_path):
 
 def test_seeds_are_index_addressed_and_coarse_to_fine_ends_at_the_full_image(tiny):
     _, _, var, vqvae = tiny
-    cfg = SampleConfig(classes=(1, 2), samples_per_class=2, coarse_to_fine=1, cfg=1.5, top_k=0, top_p=0.0)
+    cfg = SampleConfig(classes=(1, 2), samples_per_class=2, coarse_to_fine=1,
+                       sampling=SamplingConfig(guidance=1.5, top_k=0, top_p=0.0))
     a = sample_grid(var, vqvae, cfg, torch.device("cpu"))
     b = sample_grid(var, vqvae, dataclasses.replace(cfg, classes=(2,), samples_per_class=1), torch.device("cpu"))
     assert torch.equal(a[1][0], b[0][0])  # class 2, sample 0: the same whatever else is in the grid
@@ -54,7 +58,7 @@ def test_seeds_are_index_addressed_and_coarse_to_fine_ends_at_the_full_image(tin
     assert len(rows[0]) == len(vqvae.cfg.patch_nums)
     from nextscale.eval.generate import sample_batch
 
-    codes, img = sample_batch(var, vqvae, [1], seeded_generator("cpu", cfg.seed, 1, 0), cfg=1.5, top_k=0, top_p=0.0)
+    codes, img = sample_batch(var, vqvae, [1], seeded_generator("cpu", cfg.seed, 1, 0), cfg.sampling)
     assert torch.equal(rows[0][-1], img[0])
     assert torch.equal(rows[0][0], to_uint8(vqvae.decode(codes[:, :1]).add(1).mul(0.5))[0])
 
@@ -65,12 +69,12 @@ def test_editing_forces_the_known_tokens(tiny, tmp_path):
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     image = load_image(str(tmp_path / "x.png"), 32)
     keep_all = torch.ones(32, 32, dtype=torch.bool)
-    out = edit_image(var, vqvae, image, keep_all, 0, seeded_generator("cpu", 0), cfg=1.5, top_k=0, top_p=0.0)
+    out = edit_image(var, vqvae, image, keep_all, 0, seeded_generator("cpu", 0), PLAIN)
     assert torch.equal(out, to_uint8(vqvae.decode(vqvae.encode(image)).add(1).mul(0.5)))
     hole = box_mask(32, (0.25, 0.25, 0.75, 0.75))
     assert hole.sum() == 16 * 16 and hole[8, 8] and not hole[7, 8]
-    a = edit_image(var, vqvae, image, ~hole, 0, seeded_generator("cpu", 1), cfg=1.5, top_k=0, top_p=0.0)
-    b = edit_image(var, vqvae, image, ~hole, 0, seeded_generator("cpu", 2), cfg=1.5, top_k=0, top_p=0.0)
+    a = edit_image(var, vqvae, image, ~hole, 0, seeded_generator("cpu", 1), PLAIN)
+    b = edit_image(var, vqvae, image, ~hole, 0, seeded_generator("cpu", 2), PLAIN)
     assert not torch.equal(a, b)
 
 

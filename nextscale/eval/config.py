@@ -8,7 +8,7 @@ Inception-v3, the ADM ``VIRTUAL_imagenet256_labeled.npz`` reference.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, require
 
@@ -31,10 +31,27 @@ class ModelsConfig:
         require(bool(self.tokenizer_url), "models.tokenizer_url is empty: point it at tokenizer.pt")
 
 
-def _check_sampling(cfg: float, top_k: int, top_p: float) -> None:
-    require(cfg >= 0, f"cfg={cfg} must be >= 0 (0 = no guidance)")
-    require(top_k >= 0, f"top_k={top_k} must be >= 0 (0 = off)")
-    require(0.0 <= top_p <= 1.0, f"top_p={top_p} must be in [0, 1] (0 = off)")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How images are drawn from the prior; the defaults are the paper's FID protocol."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"cfg": "guidance"}
+
+    guidance: float = doc(1.5, "classifier-free guidance weight at the last scale, ramping from 0 at the first "
+                               "(the official `cfg`; paper: 1.5; 0 = no guidance)")
+    top_k: int = doc(900, "top-k filter (paper: 900; 0 = off)")
+    top_p: float = doc(0.96, "top-p (nucleus) filter (paper: 0.96; 0 = off)")
+    more_smooth: bool = doc(False, "Gumbel-softmax soft codes for smoother pictures (paper: off; never for FID)")
+
+    def __post_init__(self) -> None:
+        require(self.guidance >= 0, f"sampling.guidance={self.guidance} must be >= 0 (0 = no guidance)")
+        require(self.top_k >= 0, f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
+        require(0.0 <= self.top_p <= 1.0, f"sampling.top_p={self.top_p} must be in [0, 1] (0 = off)")
+
+
+# the sampling keys lived at the top of the sample / fid configs before they had a section of their own
+_SAMPLING_ALIASES = {"cfg": "sampling.guidance", "top_k": "sampling.top_k", "top_p": "sampling.top_p",
+                     "more_smooth": "sampling.more_smooth"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,14 +81,13 @@ class EditConfig:
 class SampleConfig:
     """Pictures from a trained prior: a class grid, a coarse-to-fine figure and optional zero-shot edits."""
 
+    ALIASES: ClassVar[dict[str, str]] = _SAMPLING_ALIASES
+
     models: ModelsConfig = doc(ModelsConfig(), "prior and tokenizer weights")
     classes: tuple[int, ...] = doc((0, 1, 2, 3, 4, 5, 6, 7), "classes shown in the grid (one row each)")
     samples_per_class: int = doc(8, "grid columns: samples of each class")
     coarse_to_fine: int = doc(4, "rows of the coarse-to-fine figure (one sample per row, one column per scale)")
-    cfg: float = doc(4.0, "classifier-free guidance weight at the last scale (ramps from 0 at the first)")
-    top_k: int = doc(900, "top-k filter (0 = off)")
-    top_p: float = doc(0.95, "top-p (nucleus) filter (0 = off)")
-    more_smooth: bool = doc(False, "Gumbel-softmax soft codes for smoother pictures (never for FID)")
+    sampling: SamplingConfig = doc(SamplingConfig(), "guidance and filters")
     seed: int = doc(0, "sample i of a picture draws from a generator seeded by (seed, picture, i)")
     upscale: int = doc(1, "nearest-neighbour enlargement of every tile (e.g. 4 for 32-px images)")
     padding: int = doc(2, "pixels between tiles")
@@ -81,7 +97,6 @@ class SampleConfig:
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases (the pictures are logged as images)")
 
     def __post_init__(self) -> None:
-        _check_sampling(self.cfg, self.top_k, self.top_p)
         require(len(self.classes) >= 1 and all(c >= 0 for c in self.classes),
                 f"classes={self.classes} must list at least one class index >= 0")
         require(self.samples_per_class >= 1, f"samples_per_class={self.samples_per_class} must be >= 1")
@@ -128,14 +143,13 @@ class ClassifierCheckConfig:
 class FidConfig:
     """Sample N images on Ray (class i // samples_per_class, seed from i), then FID / IS / precision / recall."""
 
+    ALIASES: ClassVar[dict[str, str]] = _SAMPLING_ALIASES
+
     models: ModelsConfig = doc(ModelsConfig(), "prior and tokenizer weights")
     num_samples: int = doc(50_000, "images to sample (paper: 50,000)")
     num_classes: int = doc(1000, "classes; sample i gets class (i // samples_per_class) % num_classes")
     samples_per_class: int = doc(50, "consecutive indices sharing a class (paper: 50)")
-    cfg: float = doc(1.5, "classifier-free guidance weight at the last scale (paper: 1.5)")
-    top_k: int = doc(900, "top-k filter (paper: 900)")
-    top_p: float = doc(0.96, "top-p filter (paper: 0.96)")
-    more_smooth: bool = doc(False, "Gumbel-softmax soft codes (paper: off; never use for FID)")
+    sampling: SamplingConfig = doc(SamplingConfig(), "guidance and filters (defaults: the paper's protocol)")
     seed: int = doc(0, "sampling seed: group g of group_size consecutive indices uses a generator seeded by (seed, g)")
     group_size: int = doc(50, "images per sampler call; part of the sampling protocol like the seed (the same "
                               "seed and group_size give the same images whatever the workers or batch sizes)")
@@ -166,7 +180,6 @@ class FidConfig:
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
 
     def __post_init__(self) -> None:
-        _check_sampling(self.cfg, self.top_k, self.top_p)
         require(self.num_samples >= 2, f"num_samples={self.num_samples} must be >= 2 (a covariance needs 2)")
         require(self.num_classes >= 1, f"num_classes={self.num_classes} must be >= 1")
         require(self.samples_per_class >= 1, f"samples_per_class={self.samples_per_class} must be >= 1")

@@ -11,11 +11,13 @@ more than half of its area is kept (``known_mask_from_pixels``); the sampler for
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from nextscale.eval.config import SampleConfig
+from nextscale.eval.config import SampleConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import sample_batch, seeded_generator
 from nextscale.images import center_view, open_image, to_float
@@ -41,13 +43,13 @@ def box_mask(size: int, box: tuple[float, float, float, float]) -> Tensor:
 
 @torch.no_grad()
 def edit_image(var: VAR, vqvae: VQVAE, image_13HW: Tensor, keep_HW: Tensor, label: int, generator: torch.Generator,
-               *, cfg: float, top_k: int, top_p: float) -> Tensor:
+               sampling: SamplingConfig) -> Tensor:
     """One edited sample, uint8 (1, 3, H, W): the image's tokens where ``keep_HW`` holds, the prior's elsewhere."""
     device = var.pos_start.device
     known_codes_1L = vqvae.encode(image_13HW.to(device))
     known_mask_1L = known_mask_from_pixels(keep_HW.unsqueeze(0).to(device), vqvae.cfg.patch_nums)
-    _, img = sample_batch(var, vqvae, [label], generator, cfg=cfg, top_k=top_k, top_p=top_p,
-                          known_codes_BL=known_codes_1L, known_mask_BL=known_mask_1L)
+    _, img = sample_batch(var, vqvae, [label], generator, sampling, known_codes_BL=known_codes_1L,
+                          known_mask_BL=known_mask_1L)
     return img
 
 
@@ -64,12 +66,13 @@ def edit_rows(var: VAR, vqvae: VQVAE, cfg: SampleConfig, device: torch.device) -
     image = load_image(e.image, size)
     inside = box_mask(size, e.box)
     original = to_uint8(image.add(1).mul(0.5))[0]
+    sampling = dataclasses.replace(cfg.sampling, more_smooth=False)  # edits keep the image's exact tokens
     rows = {}
     for mode in e.modes:
         keep = inside if mode == "outpaint" else ~inside
         label = e.label if mode == "class_edit" else e.source_label
         shown = torch.where(keep, original, torch.full_like(original, 128))
         samples = [edit_image(var, vqvae, image, keep, label, seeded_generator(device, cfg.seed, 2, MODES.index(mode), j),
-                              cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p)[0] for j in range(e.samples)]
+                              sampling)[0] for j in range(e.samples)]
         rows[f"{mode} (class {label})"] = [shown, *samples]
     return rows

@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
+import tempfile
 import warnings
 import zipfile
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 class FeatureStats:
     """Mergeable float64 first and second moments of (N, D) features."""
 
+    CHUNK = 1024  # rows per partial sum of :meth:`in_chunks`
+
     def __init__(self, dim: int):
         self.n = 0
         self.sum = np.zeros(dim, dtype=np.float64)
@@ -38,6 +43,14 @@ class FeatureStats:
     def of(cls, features_ND: np.ndarray) -> FeatureStats:
         stats = cls(features_ND.shape[1])
         stats.update(features_ND)
+        return stats
+
+    @classmethod
+    def in_chunks(cls, features_ND: np.ndarray) -> FeatureStats:
+        """Partial sums over fixed chunks merged in index order: the same bits whoever computed the rows."""
+        stats = cls(features_ND.shape[1])
+        for begin in range(0, len(features_ND), cls.CHUNK):
+            stats.merge(cls.of(features_ND[begin:begin + cls.CHUNK]))
         return stats
 
     def update(self, features_ND: np.ndarray) -> FeatureStats:
@@ -67,6 +80,11 @@ class FeatureStats:
             raise ValueError(f"a covariance needs at least 2 features, got {self.n}")
         mu = self.mu
         return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the float64 sums: equal across runs exactly when the features are."""
+        return hashlib.sha256(self.sum.tobytes() + self.outer.tobytes()).hexdigest()[:16]
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -163,3 +181,21 @@ def load_reference_npz(url: str) -> dict[str, np.ndarray]:
         raise ValueError(f"reference {url} has no {missing[0]!r} array (keys: {sorted(out)}); use an ADM reference "
                          "batch or a reference_stats.npz written by `nextscale fid`")
     return out
+
+
+def write_sample_npz(url: str, images_NHWC: np.ndarray, labels_N: np.ndarray) -> None:
+    """ADM-evaluator sample batch: ``arr_0`` uint8 (N, H, W, 3) plus ``labels`` int64 (N,), written atomically."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "samples.npz")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, arr in (("arr_0", images_NHWC), ("labels", labels_N)):
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        fs, dest = storage.filesystem(url)
+        if storage.is_remote(url):
+            fs.put_file(path, dest)  # the object appears when the upload completes
+        else:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp_dest = f"{dest}.tmp-{os.getpid()}"
+            fs.put_file(path, tmp_dest)
+            os.replace(tmp_dest, dest)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nextscale.eval.config import ModelsConfig
+from nextscale.eval.config import ModelsConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
 from nextscale.prior.convert import load_prior
 from nextscale.prior.model import VAR
@@ -25,14 +25,6 @@ from nextscale.tokenize.convert import load_tokenizer
 from nextscale.tokenize.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
-    return torch.device(device)
 
 
 def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[VAR, VQVAE]:
@@ -54,21 +46,22 @@ def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def sample_batch(var: VAR, vqvae: VQVAE, labels: Sequence[int] | Tensor, generator: torch.Generator, *,
-                 cfg: float, top_k: int, top_p: float, more_smooth: bool = False,
-                 known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sample_batch(var: VAR, vqvae: VQVAE, labels: Sequence[int] | Tensor, generator: torch.Generator,
+                 sampling: SamplingConfig, *, known_codes_BL: Tensor | None = None,
+                 known_mask_BL: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes (B, L) int64, images uint8 (B, 3, H, W)) for ``labels``, all on the model's device.
 
-    Images are ``vqvae.decode(codes)`` rounded to uint8 as the PNG path does; with ``more_smooth`` they are
+    Images are ``vqvae.decode(codes)`` rounded to uint8 as the PNG path does; with ``sampling.more_smooth`` they are
     decoded from the sampler's soft f_hat instead (its ``record`` also keeps every scale's logits, which
     is why the plain path does not ask for it).
     """
     device = var.pos_start.device
     label_B = torch.as_tensor(labels, dtype=torch.long, device=device)
-    record: dict[str, list[Tensor]] | None = {} if more_smooth else None
-    codes_BL = sample_codes(var, vqvae.quantize, label_B, generator=generator, cfg=cfg, top_k=top_k, top_p=top_p,
-                            more_smooth=more_smooth, known_codes_BL=known_codes_BL, known_mask_BL=known_mask_BL,
-                            record=record)
+    s = sampling
+    record: dict[str, list[Tensor]] | None = {} if s.more_smooth else None
+    codes_BL = sample_codes(var, vqvae.quantize, label_B, generator=generator, cfg=s.guidance, top_k=s.top_k,
+                            top_p=s.top_p, more_smooth=s.more_smooth, known_codes_BL=known_codes_BL,
+                            known_mask_BL=known_mask_BL, record=record)
     img = vqvae.fhat_to_img(record["f_hat"][0]) if record is not None else vqvae.decode(codes_BL)
     return codes_BL, to_uint8(img.add(1).mul(0.5))
 

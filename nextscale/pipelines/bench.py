@@ -42,6 +42,8 @@ import torch
 
 from nextscale import storage
 from nextscale.config import RayConfig, doc, require
+from nextscale.devices import peak_flops, pick_device
+from nextscale.eval.config import SamplingConfig
 from nextscale.prior.engine import step_loss
 from nextscale.prior.model import build_var, flops_per_image
 from nextscale.prior.optim import build_optimizer
@@ -53,8 +55,6 @@ log = logging.getLogger(__name__)
 
 FIGURES = ("train", "sample", "encode", "loader", "tokenize", "mvar")
 TRAIN_LEVERS = ("flex", "compile", "chunked_ce", "prefetch", "fused_adamw")
-# dense bf16 tensor-core peak (FLOP/s) for MFU; the H100 SXM figure is NVIDIA's datasheet number
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def _consumption(figures: dict[str, dict]) -> dict:
@@ -114,7 +114,7 @@ class Setup:
 
 
 def _device(cfg: BenchConfig) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    return pick_device(cfg.device)
 
 
 def _setup(cfg: BenchConfig, prior: str = "auto") -> Setup:
@@ -180,13 +180,6 @@ def _peak_memory_gib(fn: Callable[[], None], device: torch.device) -> float | No
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def _vqvae(s: Setup):
     torch.manual_seed(0)
     return build_vqvae(s.tokenizer).to(s.device).eval().requires_grad_(False)
@@ -247,7 +240,7 @@ def _train_levers(cfg: BenchConfig, s: Setup) -> tuple[list[str], dict[str, str]
 def bench_train(cfg: BenchConfig, s: Setup) -> list[dict]:
     levers, skipped = _train_levers(cfg, s)
     plain = train_step(cfg, s, frozenset())
-    peak = _peak_flops(s.device)
+    peak = peak_flops(s.device, "bf16")
     variants = {lv: frozenset([lv]) for lv in levers}
     if len(levers) > 1:
         variants["all"] = frozenset(levers)
@@ -297,13 +290,15 @@ def bench_sample(cfg: BenchConfig, s: Setup) -> list[dict]:
     quantizer = vqvae.quantize.to(s.device).eval()
     var = _var(s, vqvae.cfg).eval()
     label = torch.arange(s.batch, device=s.device) % var.cfg.num_classes
-    top_k = min(900, vqvae.cfg.vocab_size)
+    sampling = SamplingConfig()  # the paper's protocol, as fid samples
+    top_k = min(sampling.top_k, vqvae.cfg.vocab_size)
     codes_box: list[torch.Tensor] = []
 
     def sampler(amp: torch.dtype | None, **kw) -> Callable[[], None]:
         def go() -> None:
             gen = torch.Generator(s.device).manual_seed(0)
-            codes_box[:] = [sample_codes(var, quantizer, label, generator=gen, cfg=1.5, top_k=top_k, top_p=0.96,
+            codes_box[:] = [sample_codes(var, quantizer, label, generator=gen, cfg=sampling.guidance, top_k=top_k,
+                                         top_p=sampling.top_p,
                                          autocast=amp is not None, **kw)]
         return go
 

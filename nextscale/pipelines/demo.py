@@ -15,6 +15,7 @@ import time
 from nextscale import storage
 from nextscale.config import RayConfig, doc, load_config, require
 from nextscale.demo_data import make_demo_data
+from nextscale.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class DemoConfig:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from nextscale.cli import STAGES, _resolve
-    from nextscale.pipelines.common import init_ray
+    from nextscale.pipelines.common import init_ray  # imports Ray: not for `nextscale demo --help`
 
     t_start = time.perf_counter()
     results: dict = {"stages": {}, "minutes": {}}
@@ -62,12 +62,11 @@ def run(cfg: DemoConfig) -> dict:
     for stage in STAGE_ORDER:
         if stage not in cfg.stages:
             continue
-        config_cls, run_fn = (_resolve(spec) for spec in STAGES[stage][:2])
         overrides = [o.partition(":")[2] for o in cfg.overrides if o.partition(":")[0] == stage]
-        stage_cfg = load_config(config_cls, cfg.stage_config(stage), overrides)
+        stage_cfg = load_config(STAGES[stage].config, cfg.stage_config(stage), overrides)
         log.info("demo: %s (%s)", stage, cfg.stage_config(stage))
         t0 = time.perf_counter()
-        results["stages"][stage] = run_fn(stage_cfg)
+        results["stages"][stage] = STAGES[stage].run(stage_cfg)
         results["minutes"][stage] = round((time.perf_counter() - t0) / 60, 2)
         if stage == "fid":
             results["classifier"] = _classifier_check(stage_cfg)

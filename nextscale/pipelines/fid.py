@@ -17,11 +17,8 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import tarfile
-import tempfile
 import time
-import zipfile
 
 import numpy as np
 import ray
@@ -29,7 +26,8 @@ import torch
 from PIL import Image
 
 from nextscale import storage
-from nextscale.config import dump_yaml
+from nextscale.config import dump_yaml, to_dict
+from nextscale.devices import pick_device
 from nextscale.eval import features as feature_lib
 from nextscale.eval.config import FidConfig
 from nextscale.eval.fid import (
@@ -38,8 +36,9 @@ from nextscale.eval.fid import (
     inception_score,
     load_reference_npz,
     precision_recall,
+    write_sample_npz,
 )
-from nextscale.eval.generate import group_indices, load_models, resolve_device, sample_batch, seeded_generator
+from nextscale.eval.generate import group_indices, load_models, sample_batch, seeded_generator
 from nextscale.images import center_view, is_image_name, open_image, walk
 from nextscale.logs import WandbRun
 from nextscale.pipelines.common import init_ray
@@ -48,15 +47,12 @@ from nextscale.tokenize.convert import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-STATS_CHUNK = 1024  # rows per float64 partial sum; partial sums are merged in index order
-
-
 class Sampler:
     """Ray actor: loads the prior and tokenizer once, samples whole groups; optionally writes PNGs."""
 
     def __init__(self, cfg: FidConfig, device: str):
         self.cfg = cfg
-        self.device = resolve_device(device)
+        self.device = pick_device(device)
         self.var, self.vqvae = load_models(cfg.models, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,8 +63,7 @@ class Sampler:
         for row, g in enumerate(batch["id"].tolist()):
             idx = group_indices(g, G, cfg.num_samples)
             labels = [cfg.label_of(i) for i in idx]
-            _, img = sample_batch(self.var, self.vqvae, labels, seeded_generator(self.device, cfg.seed, g),
-                                  cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, more_smooth=cfg.more_smooth)
+            _, img = sample_batch(self.var, self.vqvae, labels, seeded_generator(self.device, cfg.seed, g), cfg.sampling)
             images = img.permute(0, 2, 3, 1).cpu().numpy()
             n = len(idx)
             out["index"][row, :n], out["label"][row, :n], out["image"][row, :n] = list(idx), labels, images
@@ -84,7 +79,7 @@ class Extractor:
     """Ray actor: features of each row's images, in chunks fixed by the row (so independent of the actor count)."""
 
     def __init__(self, name: str, weights_path: str, device: str, batch_size: int, keep_images: bool):
-        self.device = resolve_device(device)
+        self.device = pick_device(device)
         self.extractor = feature_lib.build(name, weights_path, self.device)
         self.batch_size, self.keep_images = batch_size, keep_images
 
@@ -185,14 +180,6 @@ def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def statistics(features_ND: np.ndarray) -> FeatureStats:
-    """float64 statistics merged from partial sums over fixed chunks in index order (reproducible to the bit)."""
-    stats = FeatureStats(features_ND.shape[1])
-    for begin in range(0, len(features_ND), STATS_CHUNK):
-        stats.merge(FeatureStats.of(features_ND[begin:begin + STATS_CHUNK]))
-    return stats
-
-
 def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch_size: int = 1):
     return ds.map_batches(
         Extractor, fn_constructor_kwargs={"name": cfg.feature_extractor, "weights_path": cfg.inception_weights,
@@ -223,7 +210,7 @@ def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict
         features = features[: ref.max_images]
     if len(features) < 2:
         raise ValueError(f"reference.images={ref.images!r} gave {len(features)} images; statistics need at least 2")
-    stats = statistics(features)
+    stats = FeatureStats.in_chunks(features)
     return {"mu": stats.mu, "sigma": stats.sigma, "features": features}
 
 
@@ -237,24 +224,6 @@ def _gather_reference(ds) -> np.ndarray:
     progress.close()
     key, pool = np.concatenate(keys), np.concatenate(pools)
     return pool[np.argsort(key, kind="stable")]
-
-
-def write_npz(url: str, images_NHWC: np.ndarray, labels_N: np.ndarray) -> None:
-    """ADM-evaluator sample batch: ``arr_0`` uint8 (N, H, W, 3) plus ``labels`` int64 (N,), written atomically."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "samples.npz")
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, arr in (("arr_0", images_NHWC), ("labels", labels_N)):
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-        fs, dest = storage.filesystem(url)
-        if storage.is_remote(url):
-            fs.put_file(path, dest)  # the object appears when the upload completes
-        else:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp_dest = f"{dest}.tmp-{os.getpid()}"
-            fs.put_file(path, tmp_dest)
-            os.replace(tmp_dest, dest)
 
 
 def run(cfg: FidConfig) -> dict:
@@ -302,7 +271,7 @@ def run(cfg: FidConfig) -> dict:
     got = _gather(ds, cfg.num_samples)
     sample_seconds = time.perf_counter() - t_sample
 
-    stats = statistics(got["pool"])
+    stats = FeatureStats.in_chunks(got["pool"])
     result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
     if cfg.inception_score and "logits" in got:
         result["inception_score"], result["inception_score_std"] = inception_score(got["logits"], splits=10)
@@ -310,7 +279,7 @@ def run(cfg: FidConfig) -> dict:
         result["precision"], result["recall"] = precision_recall(ref["features"], got["pool"], k=3)
     result.update({
         "num_samples": cfg.num_samples, "num_classes": cfg.num_classes, "samples_per_class": cfg.samples_per_class,
-        "cfg": cfg.cfg, "top_k": cfg.top_k, "top_p": cfg.top_p, "more_smooth": cfg.more_smooth, "seed": cfg.seed,
+        **{f"sampling.{k}": v for k, v in to_dict(cfg.sampling).items()}, "seed": cfg.seed,
         "group_size": cfg.group_size, "feature_extractor": cfg.feature_extractor,
         "feature_fallback_reason": fallback_reason,
         "reference": cfg.reference.npz or cfg.reference.images, "prior": cfg.models.prior_url,
@@ -318,10 +287,10 @@ def run(cfg: FidConfig) -> dict:
         "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(cfg.num_samples / sample_seconds, 2),
         "reference_seconds": round(ref_seconds, 2),
         "output": storage.join(cfg.output, "fid.json"),
-        "sample_stats_sha": _digest(stats),
+        "sample_stats_sha": stats.digest,
     })
     if cfg.save_npz:
-        write_npz(storage.join(cfg.output, "samples.npz"), got["image"], got["label"])
+        write_sample_npz(storage.join(cfg.output, "samples.npz"), got["image"], got["label"])
         result["npz"] = storage.join(cfg.output, "samples.npz")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     storage.write_text(result["output"], json.dumps(result, indent=1))
@@ -337,9 +306,3 @@ def run(cfg: FidConfig) -> dict:
         num_samplers, device, result["seconds"], result["output"])
     return result
 
-
-def _digest(stats: FeatureStats) -> str:
-    """A short hash of the float64 statistics: equal across runs exactly when the samples' features are."""
-    import hashlib
-
-    return hashlib.sha256(stats.sum.tobytes() + stats.outer.tobytes()).hexdigest()[:16]

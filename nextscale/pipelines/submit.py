@@ -48,6 +48,7 @@ from typing import TextIO
 import nextscale
 from nextscale.config import ConfigError, dump_yaml, load_config, locate_config, split_config_args
 from nextscale.pipelines.common import is_secret
+from nextscale.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,10 @@ def _job_config_path(config_path: str | None) -> str | None:
 def plan(stage: str, config_path: str | None = None, overrides: Sequence[str] = (),
          environ: dict[str, str] | None = None, credentials: bool = True) -> JobPlan:
     """Resolve the stage's config here (so errors surface before anything is sent) and derive the job."""
-    from nextscale.cli import STAGES, _resolve
-
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     config_path = locate_config(config_path) if config_path else None
-    cfg = load_config(_resolve(STAGES[stage][0]), config_path, overrides)
+    cfg = load_config(STAGES[stage].config, config_path, overrides)
     config_yaml = dump_yaml(cfg)
     output = str(getattr(cfg, "output", "") or "")
     config_hash = hashlib.sha256(f"{stage}\n{config_yaml}".encode()).hexdigest()[:12]
@@ -323,8 +322,6 @@ def submit(stage: str, config_path: str | None = None, overrides: Sequence[str] 
 
 def main(argv: Sequence[str]) -> int:
     """``nextscale submit <stage> [CONFIG.yaml] [key.sub=value ...] [--address URL] [--no-wait] [--pip REQ]``."""
-    from nextscale.cli import STAGES
-
     parser = argparse.ArgumentParser(
         prog="nextscale submit", description="Run a stage on the Ray cluster at $RAY_ADDRESS (http://HEAD:8265) "
         "through the job API, stream its logs and exit with its status. Resubmitting the same job attaches to it "

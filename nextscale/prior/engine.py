@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from nextscale import checkpoint, progress, storage
 from nextscale.codes import Manifest
 from nextscale.config import dump_yaml, to_dict
+from nextscale.devices import peak_flops
 from nextscale.eval import plots
 from nextscale.logs import WandbRun
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
@@ -42,21 +43,6 @@ from nextscale.tokenize.scales import scale_slices, split_codes
 from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig
 
 log = logging.getLogger(__name__)
-
-# dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for MFU
-PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-                    "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
-
-
-def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s of one device for the training precision, or 0 where unknown (CPU)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS_16BIT.items():
-        if key in name:
-            return flops if precision in ("bf16", "fp16") else flops / 2  # fp32 matmuls run as TF32
-    return 0.0
 
 
 # ------------------------------------------------------------------------------------------------

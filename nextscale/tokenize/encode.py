@@ -12,16 +12,13 @@ import logging
 import numpy as np
 import torch
 
+from nextscale.devices import pick_device
 from nextscale.images import to_float
 from nextscale.tokenize.convert import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class CodeEncoder:
