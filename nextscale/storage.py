@@ -13,13 +13,10 @@ on the machine's disk (:func:`local_copy`), so the many workers of one node down
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import os
 import uuid
-from collections.abc import Iterator
 
 import fsspec
 
@@ -171,14 +168,6 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode())
-
-
-@contextlib.contextmanager
-def atomic_writer(url: str) -> Iterator[io.BytesIO]:
-    """``with atomic_writer(url) as f: f.write(...)`` — published only if the block completes."""
-    buf = io.BytesIO()
-    yield buf
-    write_bytes(url, buf.getvalue())
 
 
 def remove(url: str, recursive: bool = False) -> None:

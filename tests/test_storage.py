@@ -57,18 +57,6 @@ def test_overwrite_is_atomic_for_concurrent_readers(tmp_path):
     assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
 
 
-def test_atomic_writer_publishes_only_on_success(tmp_path):
-    url = str(tmp_path / "y.bin")
-    with pytest.raises(RuntimeError):
-        with storage.atomic_writer(url) as f:
-            f.write(b"half")
-            raise RuntimeError("crash mid-write")
-    assert not storage.exists(url)
-    with storage.atomic_writer(url) as f:
-        f.write(b"whole")
-    assert storage.read_bytes(url) == b"whole"
-
-
 def test_pyarrow_filesystem_sees_the_same_objects(s3_bucket):
     storage.write_bytes(storage.join(s3_bucket, "p", "z.bin"), b"zz")
     fs, path = storage.pyarrow_filesystem(storage.join(s3_bucket, "p"))

@@ -28,7 +28,7 @@ from nextscale.tokenize.convert import (
 )
 from nextscale.tokenize.data import ImageFolderDataset
 from nextscale.tokenize.metrics import evaluate_reconstruction, index_agreement
-from nextscale.tokenize.scales import join_codes, num_tokens, phi_index_table, scale_slices, split_codes
+from nextscale.tokenize.scales import num_tokens, phi_index_table, scale_slices, split_codes
 from nextscale.tokenize.train import train_tokenizer
 from nextscale.tokenize.vqvae import VQVAE_PRESETS, build_vqvae
 
@@ -53,7 +53,7 @@ def test_layout_helpers():
     codes = torch.randint(0, 4096, (3, 680))
     parts = split_codes(codes, pns)
     assert [p.shape for p in parts] == [(3, pn * pn) for pn in pns]
-    assert torch.equal(join_codes(parts), codes)
+    assert torch.equal(torch.cat(parts, dim=1), codes)
     with pytest.raises(ValueError, match=r"\(B, 680\)"):
         split_codes(codes[:, :-1], pns)
 

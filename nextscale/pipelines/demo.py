@@ -15,6 +15,7 @@ import time
 from nextscale import storage
 from nextscale.config import RayConfig, doc, load_config, require
 from nextscale.demo_data import make_demo_data
+from nextscale.eval.classifier import evaluate_demo_samples
 from nextscale.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def run(cfg: DemoConfig) -> dict:
         results["stages"][stage] = STAGES[stage].run(stage_cfg)
         results["minutes"][stage] = round((time.perf_counter() - t0) / 60, 2)
         if stage == "fid":
-            results["classifier"] = _classifier_check(stage_cfg)
+            results["classifier"] = evaluate_demo_samples(stage_cfg)
     results["minutes"]["total"] = round((time.perf_counter() - t_start) / 60, 2)
     if cfg.docs_images:
         results["docs_images"] = docs_pictures(results, cfg.docs_images)
@@ -98,12 +99,6 @@ def docs_pictures(results: dict, folder: str) -> dict:
     if out:
         log.info("demo: README pictures %s in %s", ", ".join(out), folder)
     return out
-
-
-def _classifier_check(fid_cfg) -> dict:
-    from nextscale.eval.classifier import evaluate_demo_samples
-
-    return evaluate_demo_samples(fid_cfg)
 
 
 def _log_summary(results: dict, cfg: DemoConfig) -> None:

@@ -32,6 +32,7 @@ from nextscale.prior.config import PriorTrainConfig
 from nextscale.prior.engine import train_prior
 from nextscale.prior.parallelize import parallelize
 from nextscale.runtime import LocalContext
+from nextscale.tokenize.train import train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def _worker(config: dict[str, Any]) -> None:
     if kind == "prior":
         train_prior(cfg, ctx)
     else:
-        from nextscale.tokenize.train import train_tokenizer
-
         train_tokenizer(cfg, ctx)
 
 

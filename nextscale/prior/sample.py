@@ -161,17 +161,6 @@ def _graphed_run_blocks(var: VAR):
     return var._graphed_run_blocks
 
 
-@torch.no_grad()
-def sample_images(var: VAR, vqvae, label_B: Tensor, *, generator: torch.Generator, **kwargs) -> Tensor:
-    """Sampled images (B, 3, H, W) in [0, 1] (decoded from the sampler's f_hat, so ``more_smooth`` counts).
-
-    ``kwargs`` are those of :func:`sample_codes`. The official sampler returns the same range.
-    """
-    record: dict[str, list[Tensor]] = kwargs.pop("record", None) or {}
-    sample_codes(var, vqvae.quantize, label_B, generator=generator, record=record, **kwargs)
-    return vqvae.fhat_to_img(record["f_hat"][0]).add(1).mul(0.5)
-
-
 def known_mask_from_pixels(keep_BHW: Tensor, patch_nums: Sequence[int], threshold: float = 0.5) -> Tensor:
     """Token mask (B, L) bool for editing: a token is known where more than ``threshold`` of its area is kept.
 

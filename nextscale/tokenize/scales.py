@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 # Official VAR: PhiPartiallyShared with K=4 picks argmin |ticks - si/9| in float64, where scales 2 and 7
@@ -41,11 +40,6 @@ def split_codes(codes_BL: Tensor, patch_nums: Sequence[int]) -> list[Tensor]:
             f"codes must have shape (B, {L}) for patch_nums {tuple(patch_nums)}, got {tuple(codes_BL.shape)}"
         )
     return [codes_BL[:, b:e] for b, e in scale_slices(patch_nums)]
-
-
-def join_codes(idx_list: Sequence[Tensor]) -> Tensor:
-    """[(B, pn*pn)] per scale -> (B, L)."""
-    return torch.cat(list(idx_list), dim=1)
 
 
 def phi_index_table(num_scales: int, num_phi: int = 4) -> list[int]:
