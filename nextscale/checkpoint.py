@@ -39,6 +39,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from nextscale import storage
+from nextscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def gather_from_ranks(obj: Any, world_size: int) -> list[Any]:
     return [obj]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, damaged or holds objects a checkpoint never holds."""
 
 

@@ -14,7 +14,9 @@ import shutil
 import sys
 import textwrap
 
-from nextscale.config import ConfigError, describe, dump_yaml, load_config, split_config_args
+from nextscale import preflight
+from nextscale.config import describe, dump_yaml, load_config, split_config_args
+from nextscale.errors import debug_requested, find_user_error
 from nextscale.interrupts import EXIT_CODE, stop_promptly
 from nextscale.logs import setup_logging
 from nextscale.stages import STAGES
@@ -58,7 +60,23 @@ STAGE_FLAGS = {"-h": "help", "--help": "help", "--print-config": "print_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``nextscale ...``: the exit status. A user's mistake (a :class:`UserError`, also one raised in a Ray
+    worker) is one line on stderr and status 2; ``--debug`` / ``NEXTSCALE_DEBUG=1`` show its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except Exception as e:
+        error = find_user_error(e)
+        if error is None or debug:
+            raise
+        command = " ".join(argv[:2] if argv[:1] == ["submit"] else argv[:1])
+        print(f"nextscale {command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["submit"]:  # its own parser: options may come anywhere among the overrides
         from nextscale.pipelines.submit import main as submit_main
 
@@ -74,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="nextscale <stage> --help                lists every config key of that stage\n"
                "nextscale <stage> [CONFIG.yaml] [key.sub=value ...] --print-config\n"
-               "                                        prints the resolved config and exits",
+               "                                        prints the resolved config and exits\n"
+               "nextscale --debug <stage> ...           a user error shows its traceback (or NEXTSCALE_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, title="stages", metavar="<stage>")
     for name, stage in STAGES.items():
@@ -115,14 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage = STAGES[args.command]
     path, overrides = split_config_args(args.args)
-    try:
-        cfg = load_config(stage.config, path, overrides)
-    except ConfigError as e:
-        print(f"nextscale {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(stage.config, path, overrides)
     if "print_config" in flags:
         print(dump_yaml(cfg), end="")
         return 0
+    preflight.check(stage.name, cfg, stage.inputs, stage.outputs)
     try:
         with stop_promptly():
             summary = stage.run(cfg)

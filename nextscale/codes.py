@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from nextscale import storage
+from nextscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ RETOKENIZE = "re-run `nextscale tokenize` with this output (it resumes, rewrites
              "manifest last)"
 
 
-class CodesError(ValueError):
+class CodesError(UserError, ValueError):
     """Codes are missing, damaged or do not fit; the message names the file and the fix."""
 
 

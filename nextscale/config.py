@@ -22,13 +22,15 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from nextscale.errors import UserError
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and the fix."""
 
 
@@ -83,8 +85,14 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     data: dict[str, Any] = {}
     if path:
         path = locate_config(path)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = " ".join(filter(None, [getattr(e, "context", None), getattr(e, "problem", None)])) or str(e)
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {what}; fix the file there") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
     for item in overrides:

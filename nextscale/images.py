@@ -34,6 +34,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nextscale import storage
 from nextscale.codes import sanitize_key
+from nextscale.errors import UserError
 from nextscale.tokenize.inputs import unique_key
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_DEPTH = 32  # folder nesting beyond this is a symbolic-link loop, not a dataset
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input location or its layout cannot be used; the message names the location and the fix."""
 
 

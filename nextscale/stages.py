@@ -18,6 +18,8 @@ from typing import Any
 class Stage:
     name: str
     what: str  # one line for --help
+    inputs: tuple[str, ...] = ()  # dotted config keys of locations that must exist before the stage starts
+    outputs: tuple[str, ...] = ("output",)  # dotted config keys of locations the stage creates
 
     @property
     def config(self) -> type:
@@ -31,13 +33,15 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("tokenize", "Ray Data job: images -> multi-scale VQVAE code shards + manifest"),
-    Stage("train-tokenizer", "Ray Train job: train the multi-scale VQVAE tokenizer"),
-    Stage("train-prior", "Ray Train job: train the VAR prior on code shards"),
-    Stage("sample", "sample grids and coarse-to-fine pictures from a trained prior"),
-    Stage("fid", "Ray job: sample N images, FID / IS / precision / recall"),
-    Stage("demo", "the whole workflow on the built-in demo dataset, local Ray, CPU"),
-    Stage("bench", "throughput benchmarks with ratios against baselines measured in the same run"),
+    Stage("tokenize", "Ray Data job: images -> multi-scale VQVAE code shards + manifest", ("input", "tokenizer")),
+    Stage("train-tokenizer", "Ray Train job: train the multi-scale VQVAE tokenizer", ("data.url", "data.val_url", "model.init_url")),
+    Stage("train-prior", "Ray Train job: train the VAR prior on code shards", ("data.url",)),
+    Stage("sample", "sample grids and coarse-to-fine pictures from a trained prior",
+          ("models.prior_url", "models.tokenizer_url", "edit.image")),
+    Stage("fid", "Ray job: sample N images, FID / IS / precision / recall",
+          ("models.prior_url", "models.tokenizer_url", "reference.npz", "reference.images")),
+    Stage("demo", "the whole workflow on the built-in demo dataset, local Ray, CPU", (), ()),
+    Stage("bench", "throughput benchmarks with ratios against baselines measured in the same run", (), ()),
 )}
 
 

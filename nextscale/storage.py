@@ -21,6 +21,7 @@ import uuid
 import fsspec
 
 from nextscale.config import StorageConfig
+from nextscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,39 @@ def _remote_options(proto: str) -> dict:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         return opts
     return {}
+
+
+def check_access(url: str, key: str = "") -> None:
+    """One request to the object store of ``url``, failing fast with what to set when it cannot be reached.
+
+    Raises a UserError for missing credentials, an unreachable endpoint or a refused bucket; a location
+    that merely does not exist yet is fine (outputs are created on write).
+    """
+    what = f"{key}={url}" if key else url
+    proto = protocol(url)
+    opts = _remote_options(proto)
+    if proto in ("s3", "s3a"):  # fail in seconds, not after botocore's and s3fs's retries
+        opts["config_kwargs"] = {"connect_timeout": 10, "retries": {"max_attempts": 2}}
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+        fs.exists(path)
+    except ImportError as e:
+        raise UserError(f"cannot open {what}: {e}; install the matching extra, e.g. pip install 'nextscale[gcs]'") from None
+    except Exception as e:  # noqa: BLE001 - botocore / gcsfs error classes are optional dependencies
+        name = type(e).__name__
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+            raise UserError(
+                f"no credentials for {what}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for "
+                "s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://, or run where an instance profile / workload "
+                "identity gives access") from None
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError"):
+            raise UserError(f"cannot reach the object store {endpoint} for {what}: check AWS_ENDPOINT_URL or the "
+                            "stage's storage.endpoint_url (and that the store is up)") from None
+        if isinstance(e, PermissionError):
+            raise UserError(f"access to {what} is denied ({e}): the credentials in use lack permission for this "
+                            "bucket, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are wrong") from None
+        raise
 
 
 def join(url: str, *parts: str) -> str:

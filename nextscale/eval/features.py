@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nextscale.errors import UserError
 from nextscale.eval.config import INCEPTION_FILE
 
 log = logging.getLogger(__name__)
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class InceptionWeightsMissing(UserError, FileNotFoundError):
     """The Inception weights file is not there and cannot be downloaded; the message says where to put it."""
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import TextIO
 
 import nextscale
-from nextscale.config import ConfigError, dump_yaml, load_config, locate_config, split_config_args
+from nextscale.config import dump_yaml, load_config, locate_config, split_config_args
+from nextscale.errors import UserError
 from nextscale.pipelines.common import is_secret
 from nextscale.stages import STAGES
 
@@ -64,7 +65,7 @@ SUBMITTED_DIR = "submitted"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """The submission could not be made (no cluster address, refused token, unknown stage...)."""
 
 
@@ -335,9 +336,5 @@ def main(argv: Sequence[str]) -> int:
                         "WANDB_API_KEY...): the nodes have their own (instance profile, workload identity)")
     args = parser.parse_intermixed_args(list(argv))
     path, overrides = split_config_args(args.args)
-    try:
-        return submit(args.stage, path, overrides, address=args.address,
-                      wait=not args.no_wait, pip=args.pip, credentials=not args.no_credentials)
-    except (ConfigError, SubmitError) as e:
-        log.error("nextscale submit %s: %s", args.stage, e)
-        return 2
+    return submit(args.stage, path, overrides, address=args.address, wait=not args.no_wait, pip=args.pip,
+                  credentials=not args.no_credentials)

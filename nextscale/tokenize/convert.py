@@ -22,6 +22,7 @@ from torch import Tensor
 
 from nextscale import checkpoint, storage
 from nextscale.config import from_dict, to_dict
+from nextscale.errors import UserError
 from nextscale.tokenize.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, build_vqvae
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 OPTIONAL_KEYS = ("quantize.ema_vocab_hit_SV",)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A state dict does not fit the requested architecture, or a file is no checkpoint; the message names it."""
 
 
