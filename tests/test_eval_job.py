@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -83,3 +88,50 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     assert saved["fid"] == two["fid"] and saved["sampler_actors"] == 2
     ref = np.load(tmp_path / "one" / "reference_stats.npz")
     assert ref["features"].shape == (12, 64) and ref["mu"].shape == (64,)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_fid_job_resumes_to_the_same_numbers(ray_local, tmp_path):
+    """A driver killed mid-run leaves whole groups behind; the rerun samples only the others and ends with
+    the numbers and images of an uninterrupted run; a third run samples nothing."""
+    from nextscale.pipelines.fid import groups_store, run, stored_groups
+
+    prior, tokenizer = write_tiny_models(tmp_path / "models")
+    _reference_folder(tmp_path / "ref")
+    args = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=12", "num_classes=4",
+            "samples_per_class=3", "group_size=1", "sampling.top_k=0", "sampling.top_p=0.0",
+            "feature_extractor=random-conv-test", f"reference.images={tmp_path / 'ref'}", "device=cpu",
+            "cpus_per_actor=0.5", "num_sampler_actors=1", "num_feature_actors=1", "save_npz=true"]
+    whole = run(load_config(FidConfig, None, args + [f"output={tmp_path / 'whole'}"]))
+    assert (whole["groups_resumed"], whole["groups_sampled"]) == (0, 12)
+
+    out = tmp_path / "killed"
+    cfg = load_config(FidConfig, None, args + [f"output={out}"])
+    store = groups_store(cfg)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    with open(tmp_path / "job.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "nextscale.cli", "fid", *args, f"output={out}"], cwd=tmp_path,
+                                env=env, start_new_session=True, stdout=log, stderr=log)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and not stored_groups(store):
+                time.sleep(0.05)
+            assert proc.poll() is None, "the job ended before it stored a group:\n" + \
+                (tmp_path / "job.log").read_text()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stored = stored_groups(store)
+    assert 1 <= len(stored) < 12 and not (out / "fid.json").exists()
+
+    resumed = run(cfg)
+    assert (resumed["groups_resumed"], resumed["groups_sampled"]) == (len(stored), 12 - len(stored))
+    for key in ("sample_stats_sha", "fid", "inception_score", "precision", "recall"):
+        assert resumed[key] == whole[key], key
+    with np.load(out / "samples.npz") as a, np.load(tmp_path / "whole" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    again = run(cfg)
+    assert (again["groups_resumed"], again["groups_sampled"]) == (12, 0) and again["fid"] == whole["fid"]
+    # another sampling protocol (here the seed) never reuses these groups
+    assert groups_store(load_config(FidConfig, None, args + [f"output={out}", "seed=1"])) != store

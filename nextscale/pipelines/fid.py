@@ -14,7 +14,9 @@ float64 statistics (summed in index order) are identical whatever the number of 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -78,10 +80,10 @@ class Sampler:
 class Extractor:
     """Ray actor: features of each row's images, in chunks fixed by the row (so independent of the actor count)."""
 
-    def __init__(self, name: str, weights_path: str, device: str, batch_size: int, keep_images: bool):
+    def __init__(self, name: str, weights_path: str, device: str, batch_size: int, keep_images: bool, store: str = ""):
         self.device = pick_device(device)
         self.extractor = feature_lib.build(name, weights_path, self.device)
-        self.batch_size, self.keep_images = batch_size, keep_images
+        self.batch_size, self.keep_images, self.store = batch_size, keep_images, store
 
     def _features(self, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         f = feature_lib.extract(self.extractor, torch.from_numpy(np.ascontiguousarray(images_NHWC)), self.batch_size)
@@ -98,7 +100,52 @@ class Extractor:
         out["pool"] = pool
         if logits is not None:
             out["logits"] = logits
+        if self.store and "group" in out:  # what a rerun needs to skip the group: written whole, in one write
+            for r, g in enumerate(out["group"].tolist()):
+                buf = io.BytesIO()
+                np.savez(buf, **{k: v[r] for k, v in out.items() if k != "group"})
+                storage.write_bytes(group_url(self.store, g), buf.getvalue())
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume: the features of every finished group are stored under {output}/groups-<protocol key>/
+
+
+def groups_store(cfg: FidConfig) -> str:
+    """Where the groups of this sampling protocol go: a new key for anything that changes a group's numbers."""
+    what = {"models": to_dict(cfg.models), "prior": _identity(cfg.models.prior_url),
+            "tokenizer": _identity(cfg.models.tokenizer_url), "sampling": to_dict(cfg.sampling), "seed": cfg.seed,
+            "group_size": cfg.group_size, "num_samples": cfg.num_samples, "num_classes": cfg.num_classes,
+            "samples_per_class": cfg.samples_per_class, "extractor": cfg.feature_extractor,
+            "inception_weights": cfg.inception_weights, "images": cfg.save_npz}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return storage.join(cfg.output, f"groups-{key}")
+
+
+def _identity(url: str) -> list:
+    """Size and modification stamp of a weights file, so that retrained weights at the same URL start afresh."""
+    try:
+        fs, path = storage.filesystem(url)
+        info = fs.info(path)
+    except Exception:  # noqa: BLE001 - hf:// / https:// or a missing file: the URL alone then
+        return [url]
+    return [url, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+
+
+def group_url(store: str, group: int) -> str:
+    return storage.join(store, f"group-{group:06d}.npz")
+
+
+def stored_groups(store: str) -> list[int]:
+    names = storage.listdir(store, ".npz")
+    return sorted(int(n[len("group-"):-len(".npz")]) for n in names if n.startswith("group-"))
+
+
+def load_group(store: str, group: int) -> dict[str, np.ndarray]:
+    """A stored group as a one-row batch, like the ones the extractor hands back."""
+    with np.load(io.BytesIO(storage.read_bytes(group_url(store, group)))) as f:
+        return {k: f[k][None] for k in f.files}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,11 +204,11 @@ def _use_gpu(cfg: FidConfig) -> bool:
     return gpus > 0
 
 
-def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
+def _gather(batches, n: int) -> dict[str, np.ndarray]:
     """Rows of groups -> arrays indexed by sample index (pool, logits, labels, optional images)."""
     out: dict[str, np.ndarray] = {}
     progress = Progress(n, "fid: sample + features", unit="img", bar=False)  # Ray Data shows its bars
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         valid = batch["index"] >= 0
         progress.update(int(valid.sum()))
         idx = batch["index"][valid]
@@ -180,11 +227,11 @@ def _gather(ds, n: int, dim_pool: int | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch_size: int = 1):
+def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch_size: int = 1, store: str = ""):
     return ds.map_batches(
         Extractor, fn_constructor_kwargs={"name": cfg.feature_extractor, "weights_path": cfg.inception_weights,
                                           "device": "cuda" if use_gpu else "cpu", "batch_size": cfg.feature_batch_size,
-                                          "keep_images": keep_images},
+                                          "keep_images": keep_images, "store": store},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.num_feature_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
 
@@ -261,15 +308,24 @@ def run(cfg: FidConfig) -> dict:
         storage.write_bytes(storage.join(cfg.output, "reference_stats.npz"), buf.getvalue())
 
     t_sample = time.perf_counter()
-    # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
-    # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
-    ds = ray.data.from_items([{"id": g} for g in range(cfg.num_groups)], override_num_blocks=min(cfg.num_groups, 256))
-    ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
-                        num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
-    ds = _extract_dataset(ds, cfg, use_gpu, keep_images=cfg.save_npz)
-    got = _gather(ds, cfg.num_samples)
+    # a rerun (or the resubmission after a lost node) samples only the groups whose features are not stored
+    store = groups_store(cfg)
+    done = stored_groups(store)
+    todo = sorted(set(range(cfg.num_groups)) - set(done))
+    log.info("fid: %d of %d groups already stored under %s; sampling %d", len(done), cfg.num_groups, store, len(todo))
+    batches = [load_group(store, g) for g in done]
+    if todo:
+        # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
+        # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
+        ds = ray.data.from_items([{"id": g} for g in todo], override_num_blocks=min(len(todo), 256))
+        ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
+                            num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+        ds = _extract_dataset(ds, cfg, use_gpu, keep_images=cfg.save_npz, store=store)
+        batches = itertools.chain(batches, ds.iter_batches(batch_size=None, batch_format="numpy"))
+    got = _gather(batches, cfg.num_samples)
     sample_seconds = time.perf_counter() - t_sample
+    sampled = sum(len(group_indices(g, cfg.group_size, cfg.num_samples)) for g in todo)
 
     stats = FeatureStats.in_chunks(got["pool"])
     result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
@@ -284,7 +340,8 @@ def run(cfg: FidConfig) -> dict:
         "feature_fallback_reason": fallback_reason,
         "reference": cfg.reference.npz or cfg.reference.images, "prior": cfg.models.prior_url,
         "device": device, "sampler_actors": num_samplers,
-        "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(cfg.num_samples / sample_seconds, 2),
+        "groups_resumed": len(done), "groups_sampled": len(todo),
+        "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(sampled / sample_seconds, 2),
         "reference_seconds": round(ref_seconds, 2),
         "output": storage.join(cfg.output, "fid.json"),
         "sample_stats_sha": stats.digest,
