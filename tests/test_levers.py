@@ -83,3 +83,13 @@ def test_channels_last_and_bf16_vqvae(which):
     assert out["ok"] and out["channels_last_index_agreement"] == 1.0, out
     assert out["bf16_index_agreement"] > 0.8 and out["bf16_decode_max_abs"] < 0.2, out
     assert vqvae.memory_format == torch.contiguous_format  # left as given
+
+
+def test_channels_last_code_encoder_gives_the_default_codes():
+    """The tokenize job's ``channels_last`` switch (CodeEncoder) keeps the codes of the default layout here."""
+    from nextscale.tokenize.encode import CodeEncoder
+
+    views = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain, nhwc = (CodeEncoder("demo", preset="demo", device="cpu", channels_last=cl) for cl in (False, True))
+    assert nhwc.model.memory_format == torch.channels_last
+    assert (plain.encode_views(views.numpy()) == nhwc.encode_views(views.numpy())).all()

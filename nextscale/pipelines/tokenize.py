@@ -223,7 +223,7 @@ class ShardChunkEncoder:
     """Ray actor: the tokenizer (from the object store) encodes one chunk per call; codes as bytes."""
 
     def __init__(self, tokenizer_box: list, *, preset: str, seed: int, precision: str, views: int,
-                 image_size: int, num_threads: int):
+                 image_size: int, num_threads: int, channels_last: bool = False):
         import torch
 
         from nextscale.tokenize.encode import CodeEncoder
@@ -232,7 +232,8 @@ class ShardChunkEncoder:
             torch.set_num_threads(max(1, num_threads))
         tokenizer = tokenizer_box[0]
         tokenizer = ray.get(tokenizer) if isinstance(tokenizer, ray.ObjectRef) else tokenizer
-        self.encoder = CodeEncoder(tokenizer, preset=preset, seed=seed, precision=precision)
+        self.encoder = CodeEncoder(tokenizer, preset=preset, seed=seed, precision=precision,
+                                   channels_last=channels_last)
         self.views, self.image_size = views, image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -258,6 +259,7 @@ def job_fingerprint(cfg: TokenizeConfig, tok_identity: dict, image_size: int) ->
     d = {"tokenizer_sha256": tok_identity["sha256"], "image_size": image_size, "views": cfg.views,
          "augmentation": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
          "precision": cfg.precision, "min_image_side": cfg.min_image_side, "batch_size": cfg.batch_size,
+         **({"channels_last": True} if cfg.channels_last else {}),  # absent when off: older outputs keep their print
          "samples_per_shard": cfg.samples_per_shard, "format": codes.FORMAT}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -376,7 +378,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
         resources=dict(cfg.encoder_resources),
         fn_constructor_kwargs=dict(tokenizer_box=[tok_payload], preset=cfg.tokenizer_preset, seed=cfg.seed,
                                    precision=cfg.precision, views=cfg.views, image_size=size,
-                                   num_threads=int(cfg.encoder_num_cpus)))
+                                   num_threads=int(cfg.encoder_num_cpus), channels_last=cfg.channels_last))
     digests = {t.index: t.digest() for t in todo}
     pending: dict[int, dict[int, tuple[list[dict], bytes]]] = {}
     expected: dict[int, int] = {}  # shard -> number of chunks, known once its last chunk arrived

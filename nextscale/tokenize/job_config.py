@@ -40,6 +40,8 @@ class TokenizeConfig:
     batch_size: int = doc(64, "images (views) per encoder call; also the unit of deterministic batching")
     precision: Literal["fp32", "bf16"] = doc("fp32", "encoder precision on GPU (fp32 keeps codes exact; "
                                                       "the quantiser always runs fp32); CPU always runs fp32")
+    channels_last: bool = doc(False, "encoder convolutions in channels-last (NHWC) layout, the layout of cuDNN's "
+                                     "fast kernels (same codes up to float rounding; part of the job's settings)")
     num_encoders: int = doc(0, "encoder actors; 0 = one per GPU, or 1 without GPUs")
     encoder_num_cpus: float = doc(1.0, "CPUs reserved per encoder actor (its torch threads when on CPU)")
     use_gpu: Literal["auto", True, False] = doc("auto", "encode on GPUs: auto = when the Ray cluster has any")
