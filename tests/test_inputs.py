@@ -7,11 +7,14 @@ import json
 import tarfile
 import tracemalloc
 
+import fake_hub
 import numpy as np
 import pytest
 from PIL import Image
 
 from nextscale.tokenize.inputs import tar_samples
+
+hub = fake_hub.hub
 
 
 def _jpg(seed: int) -> bytes:
@@ -111,3 +114,60 @@ def test_read_and_views_streams_chunks_and_marks_the_last(tmp_path):
         ("s0", "accepted"), ("s1", "accepted"), ("s2", "accepted"), ("s3", "rejected"),
         ("cut/unreadable-rest", "rejected")]
     assert [int(c["n_ok"][0]) for c in chunks] == [2, 1, 0]
+
+
+def _parquet(path, rows: list[tuple[bytes | None, int | None]], row_group_size: int = 2) -> None:
+    """The layout of ImageNet-1k on the Hugging Face Hub: image = {bytes, path} struct, label = int64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, (b, _) in enumerate(rows)],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": image, "label": pa.array([lb for _, lb in rows], pa.int64())}), path,
+                   row_group_size=row_group_size)
+
+
+def test_parquet_rows_stream_as_samples_and_a_missing_column_names_the_columns(tmp_path):
+    from nextscale.pipelines.tokenize import InputError, plan_shards, read_and_views
+    from nextscale.tokenize.inputs import parquet_samples
+    from nextscale.tokenize.job_config import TokenizeConfig
+
+    rows = [(_jpg(i), i % 3) for i in range(4)] + [(None, 1)]
+    (tmp_path / "data").mkdir()
+    _parquet(tmp_path / "data" / "train-00000-of-00002.parquet", rows)
+    _parquet(tmp_path / "data" / "train-00001-of-00002.parquet", rows[:1])
+    got = list(parquet_samples(str(tmp_path / "data" / "train-00000-of-00002.parquet"), batch_rows=2))
+    assert [(it["key"], it["label"], b) for it, b in got[:4]] == \
+        [(f"train-00000-of-00002/{i:07d}", i % 3, rows[i][0]) for i in range(4)]
+    assert got[4][0]["reason"] == "no image bytes in column 'image'"
+
+    cfg = TokenizeConfig(input=str(tmp_path / "data"), output=str(tmp_path / "out"), tokenizer="golden_tiny")
+    tasks, _, fmt = plan_shards(cfg)
+    assert fmt == "parquet" and [(t.kind, t.url.rsplit("/", 1)[-1]) for t in tasks] == [
+        ("parquet", "train-00000-of-00002.parquet"), ("parquet", "train-00001-of-00002.parquet")]
+    task = {"index": 0, "kind": "parquet", "items": [], "url": tasks[0].url, "num_classes": 3,
+            "columns": ["image", "label"]}
+    chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=32, views=1,
+                                 augmentation="center", crop_ratio=1.125, seed=0, min_side=16, chunk=2,
+                                 read_threads=1))
+    records = [r for c in chunks for r in json.loads(c["records"][0])]
+    assert [r["status"] for r in records] == ["accepted"] * 4 + ["rejected"]
+    assert sum(int(c["n_ok"][0]) for c in chunks) == 4 and int(chunks[-1]["num_chunks"][0]) == 3
+    with pytest.raises(InputError, match=r"has no column 'jpg'; its columns are image, label: set image_column="):
+        plan_shards(TokenizeConfig(input=str(tmp_path / "data"), output=str(tmp_path / "out"),
+                                   tokenizer="golden_tiny", image_column="jpg"))
+
+
+def test_parquet_on_the_hub_is_listed_and_streamed(hub, tmp_path):
+    from nextscale.pipelines.tokenize import plan_shards
+    from nextscale.tokenize.inputs import parquet_samples
+    from nextscale.tokenize.job_config import TokenizeConfig
+
+    _parquet(tmp_path / "x.parquet", [(_jpg(7), 5)])
+    hub.pipe_file("hf://datasets/org/imagenet-1k/data/train-00000.parquet", (tmp_path / "x.parquet").read_bytes())
+    cfg = TokenizeConfig(input="hf://datasets/org/imagenet-1k/data", output=str(tmp_path / "out"),
+                         tokenizer="golden_tiny")
+    tasks, _, fmt = plan_shards(cfg)
+    assert fmt == "parquet" and [t.url for t in tasks] == ["hf://datasets/org/imagenet-1k/data/train-00000.parquet"]
+    (item, data), = parquet_samples(tasks[0].url)
+    assert (item["key"], item["label"], data) == ("train-00000/0000000", 5, _jpg(7))

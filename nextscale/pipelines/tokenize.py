@@ -58,19 +58,24 @@ def resolve_format(url: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     first = url.split(",")[0].strip()
+    if first.endswith(".parquet") or (any(c in first for c in "*?[{") and ".parquet" in first):
+        return "parquet"
     if first.endswith(".tar") or "{" in first or any(c in first for c in "*?["):
         return "webdataset"
     fs, path = storage.filesystem(first)
     if not fs.exists(path):
-        raise InputError(f"input {first!r} does not exist; give an ImageFolder root or webdataset tars")
+        raise InputError(f"input {first!r} does not exist; give an ImageFolder root, webdataset tars or parquet files")
     entries = fs.ls(path, detail=True)
-    tars = [e for e in entries if e["name"].endswith(".tar") and e["type"] == "file"]
     dirs = [e for e in entries if e["type"] == "directory"]
-    return "webdataset" if tars and not dirs else "imagefolder"
+    for suffix, fmt in ((".tar", "webdataset"), (".parquet", "parquet")):
+        if not dirs and any(e["name"].endswith(suffix) and e["type"] == "file" for e in entries):
+            return fmt
+    return "imagefolder"
 
 
-def list_tars(url: str) -> list[str]:
-    """Sorted tar URLs from a comma list of tars, brace patterns, globs or folders."""
+def list_tars(url: str, suffix: str = ".tar") -> list[str]:
+    """Sorted URLs of the ``suffix`` files (tars, parquet) in a comma list of files, brace patterns, globs or
+    folders."""
     import braceexpand
 
     out: list[str] = []
@@ -82,20 +87,20 @@ def list_tars(url: str) -> list[str]:
                 fs, path = storage.filesystem(part)
                 proto = storage.protocol(part)
                 out += [p if proto == "file" else f"{proto}://{p}" for p in fs.glob(path)]
-            elif part.endswith(".tar"):
+            elif part.endswith(suffix):
                 out.append(part)
             else:
-                out += [storage.join(part, n) for n in storage.listdir(part, ".tar")]
+                out += [storage.join(part, n) for n in storage.listdir(part, suffix)]
     if not out:
-        raise InputError(f"no .tar files at {url!r}: give webdataset tars (a folder, glob, {{000..009}} pattern "
-                         "or comma list) or set input_format=imagefolder")
+        raise InputError(f"no {suffix} files at {url!r}: give them as a folder, glob, {{000..009}} pattern or comma "
+                         "list, or set input_format")
     return sorted(set(out))
 
 
 @dataclasses.dataclass
 class ShardTask:
     index: int
-    kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar)
+    kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar) | "parquet" (one file)
     items: list[dict]          # files: the listed items; tar: []
     url: str = ""              # tar: the input tar
     size: int = 0              # tar: its size in bytes (a re-copied, repaired tar makes its shard be redone)
@@ -107,7 +112,7 @@ class ShardTask:
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
-        if self.kind == "tar":  # another class count can reject other samples
+        if self.kind in ("tar", "parquet"):  # another class count can reject other samples
             payload = f"{self.url}\n{self.size}" + (f"\n{self.num_classes}" if self.num_classes else "")
         else:
             payload = json.dumps(self.items, sort_keys=True)
@@ -118,12 +123,19 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
     """(shard tasks in order, class names, input format)."""
     fmt = resolve_format(cfg.input, cfg.input_format)
     class_list = load_class_list(cfg.class_list) if cfg.class_list else None
-    if fmt == "webdataset":
-        tars = list_tars(cfg.input)
-        sizes = storage.sizes(tars)
+    if fmt in ("webdataset", "parquet"):
+        files = list_tars(cfg.input, ".tar" if fmt == "webdataset" else ".parquet")
+        if fmt == "parquet":
+            found = inputs.parquet_columns(files[0])
+            missing = [c for c in (cfg.image_column, cfg.label_column) if c not in found]
+            if missing:
+                raise InputError(f"parquet input {files[0]} has no column {missing[0]!r}; its columns are "
+                                 f"{', '.join(found)}: set image_column= and label_column=")
+        sizes = storage.sizes(files)
         classes = class_list or [str(i) for i in range(cfg.num_classes)]
-        return [ShardTask(i, "tar", [], url=u, size=n, num_classes=len(classes))
-                for i, (u, n) in enumerate(zip(tars, sizes))], classes, fmt
+        kind = "tar" if fmt == "webdataset" else "parquet"
+        return [ShardTask(i, kind, [], url=u, size=n, num_classes=len(classes))
+                for i, (u, n) in enumerate(zip(files, sizes))], classes, fmt
     if cfg.num_classes:
         raise InputError(f"num_classes={cfg.num_classes} applies to webdataset input; the classes of the ImageFolder "
                          f"{cfg.input!r} are its folders, or class_list")
@@ -159,12 +171,12 @@ def _file_samples(items: list[dict], threads: int, window: int) -> Iterator[tupl
 
 
 def _storage_errors_named(samples: Iterator, url: str) -> Iterator:
-    """A storage error while streaming an input tar stops the job (a rerun may succeed) with the tar's name;
-    damage inside the tar does not (:func:`inputs.tar_samples` turns it into rejected items)."""
+    """A storage error while streaming an input file stops the job (a rerun may succeed) with the file's name;
+    damage inside a tar does not (:func:`inputs.tar_samples` turns it into rejected items)."""
     try:
         yield from samples
     except OSError as e:
-        raise InputError(f"cannot read input tar {url}: {type(e).__name__}: {e}; check that it exists and is "
+        raise InputError(f"cannot read input file {url}: {type(e).__name__}: {e}; check that it exists and is "
                          "readable, then re-run (finished shards are kept)") from e
 
 
@@ -185,6 +197,9 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
     num_classes = task.get("num_classes", 0)
     if task["kind"] == "tar":
         samples = _storage_errors_named(inputs.tar_samples(task["url"]), task["url"])
+    elif task["kind"] == "parquet":
+        samples = _storage_errors_named(inputs.parquet_samples(task["url"], *task["columns"], batch_rows=chunk),
+                                        task["url"])
     else:
         samples = _file_samples(task["items"], read_threads, window=2 * chunk)
 
@@ -361,7 +376,8 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
     tok_payload = ray.put(tok_source) if isinstance(tok_source, bytes) else tok_source
     chunk = max(1, cfg.batch_size // cfg.views)
     rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url,
-                                 "num_classes": num_classes})} for t in todo]
+                                 "num_classes": num_classes, "columns": [cfg.image_column, cfg.label_column]})}
+            for t in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         # declaring the memory also keeps Ray Data from fusing decoding into the encoder actors, which would
@@ -410,7 +426,7 @@ def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict]
     infos, rows = codes.collect_parts([parts[t.index] for t in tasks])
     rejected = [{"key": r["key"], "source": r["source"], "reason": r["reason"]} for r in rows
                 if r["status"] != "accepted"]
-    if fmt == "webdataset" and not classes:
+    if fmt in ("webdataset", "parquet") and not classes:
         classes = classes_from_labels(rows)
     manifest = codes.Manifest(
         tokenizer=tok, patch_nums=list(vq.patch_nums), vocab_size=vq.vocab_size, num_tokens=vq.num_tokens,

@@ -9,6 +9,10 @@ as webdataset itself reads them. A damaged tar keeps the samples before the dama
 rejected item (``input_error``) naming the tar, the byte offset and the reason: a tar truncated inside a
 member, a garbled header, and a tar cut exactly at a member boundary (no end-of-archive marker, which every
 tar writer emits) are all told apart from a complete tar.
+
+Parquet files (ImageNet-1k as distributed on the Hugging Face Hub: an ``image`` column of ``{bytes, path}``
+structs or raw bytes, and an integer ``label`` column) are read one record batch at a time; item keys are
+``<file stem>/<row>``.
 """
 
 from __future__ import annotations
@@ -107,3 +111,39 @@ def tar_samples(url: str) -> Iterator[tuple[dict, bytes]]:
                           "`nextscale tokenize` to encode the rest",
                 "input_error": True}
         yield item, b""
+
+
+def parquet_columns(url: str) -> list[str]:
+    """The column names of a parquet file (its footer only)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(url) as f:
+        return list(pq.read_schema(f).names)
+
+
+def _image_bytes(value) -> bytes | None:
+    """Raw bytes, or the ``bytes`` of an ``{bytes, path}`` struct (Hugging Face's Image feature)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value if isinstance(value, (bytes, bytearray)) else None
+
+
+def parquet_samples(url: str, image_column: str = "image", label_column: str = "label",
+                    batch_rows: int = 64) -> Iterator[tuple[dict, bytes]]:
+    """The rows of a parquet file of images as samples, ``batch_rows`` rows in memory at a time."""
+    import pyarrow.parquet as pq
+
+    stem = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+    with storage.open_read(url) as f:
+        pf = pq.ParquetFile(f)
+        row = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[image_column, label_column]):
+            for value, label in zip(batch.column(image_column).to_pylist(), batch.column(label_column).to_pylist()):
+                data = _image_bytes(value)
+                reason = "" if data else f"no image bytes in column {image_column!r}"
+                if not reason and not isinstance(label, int):
+                    reason = f"missing or non-integer label in column {label_column!r}"
+                item = {"key": f"{sanitize_key(stem)}/{row:07d}", "source": f"{url}#row={row}",
+                        "label": label if isinstance(label, int) else -1, "reason": reason}
+                yield item, bytes(data) if data and not reason else b""
+                row += 1

@@ -12,11 +12,15 @@ from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, require
 class TokenizeConfig:
     """Decode images, make K augmented views each, encode them with a multi-scale VQVAE, write code shards."""
 
-    input: str = doc("data/demo/train", "images: an ImageFolder root (<root>/<class>/<image>), or webdataset image "
-                                         "tars (jpg/cls): a folder of *.tar, a glob, a {000..099} brace pattern, "
-                                         "or a comma-separated list; local path, s3:// or gs://")
-    input_format: Literal["auto", "imagefolder", "webdataset"] = doc(
-        "auto", "auto = webdataset when input names .tar files or a folder of them, else imagefolder")
+    input: str = doc("data/demo/train", "images: an ImageFolder root (<root>/<class>/<image>), webdataset image "
+                                         "tars (jpg/cls) or parquet files (image bytes + label columns): a folder "
+                                         "of them, a glob, a {000..099} brace pattern, or a comma-separated list; "
+                                         "local path, s3://, gs:// or hf://datasets/...")
+    input_format: Literal["auto", "imagefolder", "webdataset", "parquet"] = doc(
+        "auto", "auto = webdataset / parquet when input names .tar / .parquet files or a folder of only those, "
+                "else imagefolder")
+    image_column: str = doc("image", "parquet input: the column of image bytes (or {bytes, path} structs)")
+    label_column: str = doc("label", "parquet input: the column of integer class labels")
     class_list: str = doc("", "optional JSON file fixing the class index: a list of wnids/folder names, or "
                               "imagenet_classes.json entries ({index, wnid, ...}); empty = sorted class folders")
     num_classes: int = doc(0, "webdataset input without class_list: the number of classes (samples labelled >= it "
