@@ -8,9 +8,11 @@ A checkpoint is a folder with one file ``state.pt``: the model's state dict take
 module (no ``module.`` / ``_orig_mod.`` prefixes, so it loads into a bare model), the optimizer, the
 step, each component (EMA, GradScaler, discriminator...), every rank's data position and RNG states
 (torch CPU and CUDA, numpy, python) and plain values such as the metric history and the resolved
-config. With FSDP the model and optimizer states are gathered to full (unsharded) tensors, so the
-weights load anywhere; the FSDP optimizer state is keyed by parameter name and resumes under FSDP.
-Beside it, ``checksums.json`` holds the sha256 and size of every file.
+config. With FSDP nothing is gathered: every rank writes its shards of the model and optimizer with
+``torch.distributed.checkpoint`` under ``shards/``, and ``state.pt`` holds the rest. Either form
+resumes under DDP, FSDP or in one process (DCP reshards on load; full states are scattered under
+FSDP). Beside them, ``checksums.json`` holds the sha256 and size of every file. The weights users
+take away are the single-file ``prior.pt`` / ``tokenizer.pt`` the loops export at the end.
 
 Damage: :func:`restore` takes the newest checkpoint whose files match their checksums and load; a
 truncated or altered one is skipped with a warning naming it and why, and if none verifies the
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 CHECKSUMS_FILE = "checksums.json"
+SHARDS_DIR = "shards"  # FSDP: torch.distributed.checkpoint's files of every rank
 FORMAT = 2  # 1: state.pt alone (numpy / python RNG states as pickled objects); 2: + checksums.json, tensor RNG
 
 
@@ -102,22 +105,31 @@ class CheckpointContext(Protocol):
 
 
 def save(ctx: CheckpointContext, state: TrainState, metrics: dict[str, float]) -> None:
-    """Checkpoint ``state`` and report ``metrics`` with it (rank 0 writes the folder, the context persists it)."""
+    """Checkpoint ``state`` and report ``metrics`` with it (the context persists the folder).
+
+    DDP / one process: rank 0 writes everything into one ``state.pt``. FSDP: every rank writes its own
+    shards of the model and optimizer with ``torch.distributed.checkpoint`` under ``shards/`` (nothing is
+    gathered to rank 0) and reports its folder; the context merges the ranks' folders into one checkpoint,
+    whose ``state.pt`` holds the rest and whose ``checksums.json`` covers every rank's files.
+    """
     rngs = gather_from_ranks(rng_state(), ctx.world_size)
     per_rank = {name: gather_from_ranks(obj.state_dict(), ctx.world_size) for name, obj in state.per_rank.items()}
-    model_sd = optim_sd = None
-    if is_sharded(state.model) or ctx.rank == 0:
-        model_sd, optim_sd = model_and_optimizer_state(state.model, state.optimizer)
-    if ctx.rank != 0:
-        ctx.report(metrics)
-        return
-    payload = {"format": FORMAT, "step": state.step, "world_size": ctx.world_size, "model": model_sd,
-               "optimizer": optim_sd, "rng": rngs, **per_rank,
-               **{name: obj.state_dict() for name, obj in state.components.items()}, **state.extra,
-               **state.info}
+    sharded = is_sharded(state.model)
     with tempfile.TemporaryDirectory(prefix="nextscale-ckpt-") as tmp:
-        write(tmp, payload)
-        ctx.report(metrics, checkpoint_dir=tmp)
+        model_sd = optim_sd = None
+        files: dict[str, dict] = {}
+        if sharded:
+            _save_shards(state.model, state.optimizer, os.path.join(tmp, SHARDS_DIR))
+            for rank_files in gather_from_ranks(_checksums(tmp), ctx.world_size):
+                files.update(rank_files)
+        elif ctx.rank == 0:
+            model_sd, optim_sd = model_and_optimizer_state(state.model, state.optimizer)
+        if ctx.rank == 0:
+            write(tmp, {"format": FORMAT, "step": state.step, "world_size": ctx.world_size, "model": model_sd,
+                        "optimizer": optim_sd, "shards": SHARDS_DIR if sharded else None, "rng": rngs, **per_rank,
+                        **{name: obj.state_dict() for name, obj in state.components.items()}, **state.extra,
+                        **state.info}, files)
+        ctx.report(metrics, checkpoint_dir=tmp if sharded or ctx.rank == 0 else None)
 
 
 def restore(ctx: CheckpointContext, state: TrainState,
@@ -136,15 +148,16 @@ def restore(ctx: CheckpointContext, state: TrainState,
         except (CheckpointError, OSError) as e:
             log.warning("skipping checkpoint %s: %s", where, e)
             skipped.append(f"{where} ({e})")
+    # every rank chose on its own: they must agree before anyone loads (or all start fresh)
+    chosen = set(gather_from_ranks(where if payload is not None else "(none)", ctx.world_size))
+    if len(chosen) > 1:
+        raise CheckpointError(f"the workers found different latest checkpoints ({', '.join(sorted(chosen))}); "
+                              "is a storage location unreachable from some nodes?")
     if payload is None:
         if skipped:
             raise CheckpointError("no checkpoint of this run verifies, so training cannot resume: "
                                   + "; ".join(skipped) + ". Delete them to start over")
         return False
-    chosen = gather_from_ranks(where, ctx.world_size)
-    if len(set(chosen)) > 1:
-        raise CheckpointError(f"the workers found different latest checkpoints ({', '.join(sorted(set(chosen)))}); "
-                              "is a storage location unreachable from some nodes?")
     saved_world = payload.get("world_size", len(payload["rng"]))
     if state.per_rank and saved_world != ctx.world_size:
         raise ValueError(f"the checkpoint {where} was written by {saved_world} workers; resume with "
@@ -153,7 +166,10 @@ def restore(ctx: CheckpointContext, state: TrainState,
         check(payload, where)
     if "opt" in payload and "optimizer" not in payload:  # format 1 of the tokenizer
         payload["optimizer"] = payload.pop("opt")
-    load_model_and_optimizer_state(state.model, state.optimizer, payload["model"], payload["optimizer"])
+    if payload.get("shards"):
+        _load_shards(state.model, state.optimizer, os.path.join(folder, payload["shards"]))
+    else:
+        load_model_and_optimizer_state(state.model, state.optimizer, payload["model"], payload["optimizer"])
     for name, obj in state.components.items():
         if payload.get(name) is not None:
             obj.load_state_dict(payload[name])
@@ -214,16 +230,49 @@ def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 
 def load_model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                                    model_sd: dict, optim_sd: dict | None) -> None:
+    """Load full state dicts (of :func:`model_and_optimizer_state`) into a plain, DDP or FSDP model."""
     model = unwrap_model(model)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        if optimizer is not None and optim_sd is not None and any(isinstance(k, int) for k in optim_sd["state"]):
+            optim_sd = _optimizer_state_by_name(model, optimizer, optim_sd)  # written without FSDP (DDP)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(model_sd, strict=True)
     if optimizer is not None and optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) keyed by parameter name instead,
+    the form ``torch.distributed.checkpoint`` loads into a sharded model."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
+
+
+def _save_shards(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """This rank's shards of the model and optimizer states into ``path`` (collective; FSDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(unwrap_model(model), optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+
+
+def _load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Load sharded states written by :func:`_save_shards` into a model sharded the same way, another way,
+    or not at all (``torch.distributed.checkpoint`` reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = unwrap_model(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -291,20 +340,33 @@ def load_file(path: str, data: bytes | None = None) -> dict[str, Any]:
             "nextscale: delete it (and check who can write to this location)") from None
 
 
-def write(directory: str, payload: dict[str, Any]) -> None:
-    """``{directory}/state.pt`` and its ``checksums.json``, both flushed to disk."""
+def write(directory: str, payload: dict[str, Any], other_files: dict[str, dict] | None = None) -> None:
+    """``{directory}/state.pt`` and ``checksums.json`` (of state.pt and ``other_files``), flushed to disk."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, STATE_FILE)
     with open(path, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
-    sums = {name: {"sha256": _sha256(os.path.join(directory, name)), "bytes": os.path.getsize(os.path.join(directory, name))}
-            for name in sorted(os.listdir(directory)) if name != CHECKSUMS_FILE}
+    files = {**(other_files or {}), STATE_FILE: _checksum(path)}
     with open(os.path.join(directory, CHECKSUMS_FILE), "w") as f:
-        json.dump({"format": FORMAT, "files": sums}, f, indent=1)
+        json.dump({"format": FORMAT, "files": dict(sorted(files.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _checksums(directory: str) -> dict[str, dict]:
+    """``{relative path: {sha256, bytes}}`` of every file under ``directory``."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory).replace(os.sep, "/")] = _checksum(path)
+    return out
+
+
+def _checksum(path: str) -> dict:
+    return {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
 
 
 def verify(directory: str) -> None:

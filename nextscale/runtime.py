@@ -30,7 +30,8 @@ class TrainContext(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         """Publish metrics; if ``checkpoint_dir`` (a local folder) is given, persist it as the latest
-        checkpoint. Collective: every rank calls it, rank 0 passes the checkpoint."""
+        checkpoint. Collective: every rank calls it; each rank that wrote checkpoint files passes its
+        folder (rank 0 alone, or every rank for sharded states) and the folders are merged into one."""
 
     def checkpoints(self) -> Iterator[tuple[str, str]]:
         """(where it is stored, local folder) of each persisted checkpoint, newest first, fetched lazily."""

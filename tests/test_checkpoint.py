@@ -3,6 +3,7 @@ newest one that verifies, and checkpoints of the previous format still load."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -120,3 +121,132 @@ def test_checkpoints_of_the_previous_format_still_load(tmp_path):
     assert str(new.optimizer.state_dict()["state"]) == str(old.optimizer.state_dict()["state"])
     assert np.array_equal(np.random.random(2), expected[0]) and random.random() == expected[1]
     assert torch.equal(torch.rand(2, generator=restart_gen), expected[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP: sharded checkpoints (torch.distributed.checkpoint) and resume across the two formats
+
+
+class _SharedFolder:
+    """The part of Ray Train's storage a checkpoint needs, for processes on one machine: the folders the
+    ranks report for a step are merged into ``{root}/step-N``, committed once every rank has reported."""
+
+    def __init__(self, root: str, rank: int, world_size: int):
+        self.root, self.rank, self.world_size = root, rank, world_size
+
+    def report(self, metrics, checkpoint_dir=None):
+        import shutil
+
+        import torch.distributed as dist
+
+        dest = os.path.join(self.root, f"step-{int(metrics['step']):08d}")
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        dist.barrier()
+        if self.rank == 0 and os.path.isdir(dest):
+            open(os.path.join(dest, "COMMITTED"), "w").close()
+        dist.barrier()
+
+    def checkpoints(self):
+        for name in sorted(os.listdir(self.root), reverse=True):
+            if os.path.exists(os.path.join(self.root, name, "COMMITTED")):
+                yield os.path.join(self.root, name), os.path.join(self.root, name)
+
+
+def _full_states(state: checkpoint.TrainState) -> dict[str, torch.Tensor]:
+    """Every weight and AdamW moment by parameter name, unsharded, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=StateDictOptions(full_state_dict=True))
+    out = {k: v.detach().clone() for k, v in model_sd.items()}
+    for name, moments in optim_sd["state"].items():
+        out.update({f"{name}/{k}": v.detach().clone() for k, v in moments.items()})
+    return out
+
+
+def _ranks(rank: int, world_size: int, root: str, port: int) -> None:
+    """Both ranks: DDP trains and checkpoints one file at step 2; FSDP resumes from it, trains and writes
+    shards at step 4; DDP resumes from those; a damaged shard falls back to step 2."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from nextscale.prior.model import build_var
+    from nextscale.prior.parallelize import parallelize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    ctx = _SharedFolder(root, rank, world_size)
+
+    def run(strategy: str) -> tuple[checkpoint.TrainState, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = build_var("golden_tiny")
+        net = parallelize(model, strategy, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        torch.manual_seed(1 + rank)
+        return checkpoint.TrainState(model=model, optimizer=optimizer, extra={"history": []}), net
+
+    def train(state: checkpoint.TrainState, net: torch.nn.Module, steps: int) -> None:
+        model = state.model
+        for _ in range(steps):
+            g = torch.Generator().manual_seed(100 * state.step + rank)  # this rank's batch of this step
+            label_B = torch.randint(0, model.cfg.num_classes, (2,), generator=g)
+            x_BlCv = torch.randn(2, model.L - model.patch_nums[0] ** 2, model.Cv, generator=g)
+            target_BL = torch.randint(0, model.cfg.vocab_size, (2, model.L), generator=g)
+            logits_BLV = net(label_B, x_BlCv)
+            loss = F.cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten())
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.step += 1
+            state.extra["history"].append(float(loss))
+        checkpoint.save(ctx, state, {"step": state.step})
+
+    ddp, net = run("ddp")
+    train(ddp, net, 2)
+    at_2 = _full_states(ddp)
+
+    fsdp, net = run("fsdp")
+    assert checkpoint.restore(ctx, fsdp) and fsdp.step == 2 and len(fsdp.extra["history"]) == 2
+    restored = _full_states(fsdp)
+    assert restored.keys() == at_2.keys() and all(torch.equal(restored[k], at_2[k]) for k in at_2)
+    train(fsdp, net, 2)
+    at_4 = _full_states(fsdp)
+
+    folder = os.path.join(root, "step-00000004")
+    saved = checkpoint.load(folder)
+    assert saved["model"] is None and saved["optimizer"] is None and saved["shards"] == "shards"
+    shards = sorted(os.listdir(os.path.join(folder, "shards")))
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    with open(os.path.join(folder, checkpoint.CHECKSUMS_FILE)) as f:
+        assert set(json.load(f)["files"]) == {"state.pt", *(f"shards/{name}" for name in shards)}
+
+    back, net = run("ddp")
+    assert checkpoint.restore(ctx, back) and back.step == 4
+    restored = _full_states(back)
+    assert restored.keys() == at_4.keys() and all(torch.equal(restored[k], at_4[k]) for k in at_4)
+    train(back, net, 1)  # and it trains on from there
+
+    dist.barrier()
+    if rank == 0:
+        path = os.path.join(folder, "shards", "__1_0.distcp")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    dist.barrier()
+    if rank == 0:
+        os.remove(os.path.join(root, "step-00000005", "COMMITTED"))  # the newest is now the damaged step 4
+    dist.barrier()
+    again, _ = run("fsdp")
+    assert checkpoint.restore(ctx, again) and again.step == 2
+    dist.destroy_process_group()
+
+
+def test_fsdp_writes_shards_and_resumes_across_formats_on_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks, args=(2, str(tmp_path), port), nprocs=2, join=True)

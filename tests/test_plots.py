@@ -91,8 +91,8 @@ def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(
     # sampling between steps touches no training random numbers: the weights equal a run without pictures
     plain = _prior_cfg(codes, tmp_path / "b", "sample_every=0")
     assert train_prior(plain, LocalContext(plain.output))["pictures"]["samples"] is None
-    a = torch.load(out / "prior.pt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "b" / "prior.pt", weights_only=False)["state_dict"]
+    a = torch.load(out / "prior.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "prior.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "b" / "samples").exists()
 

@@ -48,8 +48,9 @@ class RayTrainContext:
         self.strategy = strategy
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
-        # collective: every rank reports; only rank 0 attaches the checkpoint (others pass none)
-        if checkpoint_dir is not None and self.rank == 0:
+        # collective: every rank reports; a rank that wrote checkpoint files attaches its folder (rank 0 alone
+        # under DDP, every rank under FSDP) and Ray Train merges the folders into one checkpoint
+        if checkpoint_dir is not None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
         else:
             ray.train.report(metrics)
