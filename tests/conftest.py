@@ -91,6 +91,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores a second thread makes tiny steps ~50x slower under contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_network_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")

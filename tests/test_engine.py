@@ -18,14 +18,7 @@ from nextscale.runtime import LocalContext
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: a second intra-op thread makes tiny steps ~50x slower under contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +189,6 @@ def test_demo_configs_load():
     mvar = load_config(PriorTrainConfig, "prior_mvar_d16")
     assert dataclasses.replace(mvar, model=d16.model, output=d16.output) == d16
     assert mvar.model.var_config().arch == "mvar" and not mvar.model.var_config().attn_l2_norm
-
 
 
 def test_old_worker_keys_still_load_with_a_deprecation_warning(caplog):

@@ -7,9 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,14 +15,6 @@ def _gpu_check():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cpu_rehearsal_runs_every_step_and_writes_one_json(ray_local, shared_data, tmp_path, one_thread):

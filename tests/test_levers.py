@@ -15,13 +15,7 @@ from nextscale.prior.model import VAR, cached_block_mask
 from nextscale.tokenize.convert import load_official_vqvae
 from nextscale.tokenize.vqvae import build_vqvae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flex_attention_forward_equals_sdpa_and_its_mask_is_built_once():

@@ -16,16 +16,9 @@ from nextscale.prior.mvar import MVAR, IntraScaleAttention
 from nextscale.prior.sample import sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TABLES = ("d12", "d16", "d16_anorm0", "d20", "d20_anorm0", "d24", "d30", "d32")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: a second intra-op thread makes tiny ops ~30x slower under contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def official_keys(table: str) -> dict[str, list[int]]:

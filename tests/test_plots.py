@@ -23,13 +23,7 @@ from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.train import train_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path: Path) -> np.ndarray:
