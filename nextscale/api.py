@@ -81,27 +81,28 @@ def _to_pil(img_B3HW_uint8: Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def sample(prior: VAR, tokenizer: VQVAE, classes: Sequence[int] | Tensor, *, seed: int = 0, cfg: float = 1.5,
+def sample(prior: VAR, tokenizer: VQVAE, classes: Sequence[int] | Tensor, *, seed: int = 0, guidance: float = 1.5,
            top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, batch_size: int = 32,
            pil: bool = True) -> list[Image.Image] | Tensor:
     """One image per entry of ``classes`` (``prior.num_classes`` = unconditional): PIL images, or with
-    ``pil=False`` a uint8 tensor (B, 3, H, W). Defaults are the paper's FID protocol (cfg 1.5, top-k 900,
-    top-p 0.96); ``more_smooth=True`` gives smoother pictures (never for FID).
+    ``pil=False`` a uint8 tensor (B, 3, H, W). Defaults are the paper's FID protocol (guidance 1.5, top-k 900,
+    top-p 0.96; ``guidance`` is the official ``cfg``); ``more_smooth=True`` gives smoother pictures (never for FID).
 
     Batch b of ``batch_size`` classes draws from a generator seeded by (seed, b) alone: the same call gives
     the same images on the same device.
     """
+    from nextscale.eval.config import SamplingConfig
     from nextscale.eval.generate import sample_batch, seeded_generator
 
     device = prior.pos_start.device
     labels = torch.as_tensor(classes, dtype=torch.long).view(-1)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > prior.num_classes):
         raise ValueError(f"classes must be in [0, {prior.num_classes}] ({prior.num_classes} = unconditional)")
+    sampling = SamplingConfig(guidance=guidance, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
     out = []
     for b, start in enumerate(range(0, len(labels), batch_size)):
         gen = seeded_generator(device, seed, b)
-        _, img = sample_batch(prior, tokenizer, labels[start:start + batch_size], gen, cfg=cfg, top_k=top_k,
-                              top_p=top_p, more_smooth=more_smooth)
+        _, img = sample_batch(prior, tokenizer, labels[start:start + batch_size], gen, sampling)
         out.append(img.cpu())
     images = torch.cat(out) if out else torch.zeros(0, 3, tokenizer.cfg.image_size, tokenizer.cfg.image_size,
                                                        dtype=torch.uint8)
