@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from nextscale import storage
+from nextscale.eval.config import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,10 @@ def _png(image: np.ndarray) -> bytes:
 
 @torch.no_grad()
 def prior_sample_grid(var, vqvae, classes: Sequence[int], per_class: int = GRID_SAMPLES, seed: int = 0, *,
-                      cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96) -> np.ndarray:
+                      sampling: SamplingConfig | None = None) -> np.ndarray:
     """uint8 grid: row r = ``per_class`` samples of ``classes[r]`` drawn from a generator seeded by (seed, r),
-    so the same row gets the same random numbers at every step. ``var`` is left in the mode it came in."""
+    so the same row gets the same random numbers at every step (the paper's sampling settings unless
+    ``sampling`` says otherwise). ``var`` is left in the mode it came in."""
     from nextscale.eval.generate import sample_batch, seeded_generator
     from nextscale.eval.pictures import tile_grid
 
@@ -184,8 +186,8 @@ def prior_sample_grid(var, vqvae, classes: Sequence[int], per_class: int = GRID_
     try:
         rows = []
         for r, c in enumerate(classes):
-            _, img = sample_batch(var, vqvae, [c] * per_class, seeded_generator(device, seed, 2, r), cfg=cfg,
-                                  top_k=top_k, top_p=top_p)
+            _, img = sample_batch(var, vqvae, [c] * per_class, seeded_generator(device, seed, 2, r),
+                                  sampling or SamplingConfig())
             rows.append(list(img))
     finally:
         var.train(was_training)
