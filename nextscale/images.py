@@ -1,9 +1,9 @@
 """Images, in one place: ImageFolder listing, robust decoding and the official VAR preprocessing.
 
-Listing (:func:`list_image_folder`) walks ``<root>/<class>/...`` on any ``nextscale.storage`` location and
-returns every entry it finds as an item, accepted or rejected with its reason (hidden files, broken links,
-files outside a class folder, unknown classes, non-image files), so the counts always add up to what is
-on disk. A folder that cannot be listed, or a class folder without an image, stops the listing with a
+Listing (:func:`list_image_folder`) walks ``<root>/<class>/...`` on any ``nextscale.storage`` location,
+following symbolic links that resolve, and returns every entry it finds as an item, accepted or rejected
+with its reason (hidden files, dangling links, link loops, files outside a class folder, unknown classes,
+non-image files), so the counts always add up to what is on disk. A folder that cannot be listed, or a class folder without an image, stops the listing with a
 message naming it: its images could be neither accepted nor rejected, and leaving a class out would
 shift every later class index. Labels that come with the samples (webdataset ``.cls``) are checked here
 too (:func:`label_reason`, :func:`classes_from_labels`), not in the readers of the input formats.
@@ -41,7 +41,15 @@ log = logging.getLogger(__name__)
 
 # file extensions decoded as images; other files are listed and rejected without being read
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-MAX_DEPTH = 32  # folder nesting beyond this is a symbolic-link loop, not a dataset
+MAX_DEPTH = 32  # folder nesting beyond this is a loop the link check cannot see (a bind mount), not a dataset
+
+
+# why an entry that is not a file, nor a folder to walk, is rejected (kinds of :func:`walk`)
+KIND_REASONS = {
+    "dangling": "a symbolic link to a file or folder that does not exist (dangling); fix or remove the link",
+    "loop": "a symbolic link to a folder that contains it, or to itself (a loop); remove the link",
+    "other": "neither a file nor a folder (a socket or a device?); remove it",
+}
 
 
 class InputError(UserError, ValueError):
@@ -55,10 +63,12 @@ class InputError(UserError, ValueError):
 def walk(root: str) -> tuple[list[tuple[str, str]], list[str]]:
     """``([(relative path, kind)], top-level folders)`` of everything under ``root``, sorted by path.
 
-    kind is "file", "hidden" (a name starting with '.'; a hidden folder is one entry, not entered) or
-    "other" (neither file nor folder: a broken symbolic link, a socket, a device). Top-level folders are
-    the non-hidden folders directly under ``root``, empty ones included. A folder whose listing fails
-    raises :class:`InputError` naming it.
+    kind is "file", "hidden" (a name starting with '.'; a hidden folder is one entry, not entered),
+    "dangling" (a symbolic link to nothing), "loop" (a symbolic link to a folder the walk is inside, or to
+    itself) or "other" (neither file nor folder: a socket, a device). Symbolic links that resolve are
+    followed: a link to a file is a file, a link to a folder is walked (symlink farms of shared datasets).
+    Top-level folders are the non-hidden folders directly under ``root``, empty ones included. A folder
+    whose listing fails raises :class:`InputError` naming it.
     """
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
@@ -67,10 +77,10 @@ def walk(root: str) -> tuple[list[tuple[str, str]], list[str]]:
     entries: list[tuple[str, str]] = []
     top: list[str] = []
 
-    def visit(folder: str, rel: str, depth: int) -> None:
-        if depth > MAX_DEPTH:
-            raise InputError(f"folders nest deeper than {MAX_DEPTH} levels at {storage.join(root, rel)!r} "
-                             "(a symbolic link pointing to its own parent?); remove the loop")
+    def visit(folder: str, rel: str, inside: tuple[str, ...]) -> None:
+        if len(inside) > MAX_DEPTH:
+            raise InputError(f"folders nest deeper than {MAX_DEPTH} levels at {storage.join(root, rel)!r}; "
+                             "is a folder mounted inside itself? remove the loop")
         try:
             listed = fs.ls(folder, detail=True)
         except OSError as e:
@@ -83,17 +93,39 @@ def walk(root: str) -> tuple[list[tuple[str, str]], list[str]]:
                 continue  # an object store's marker of the folder itself
             base = name.rsplit("/", 1)[-1]
             child = f"{rel}/{base}" if rel else base
+            kind = _link_kind(fs, name, inside) if e.get("islink") else e["type"]
             if base.startswith("."):
                 entries.append((child, "hidden"))
-            elif e["type"] == "directory":
+            elif kind == "directory":
                 if not rel:
                     top.append(base)
-                visit(name, child, depth + 1)
+                visit(name, child, (*inside, _real(name)))
             else:
-                entries.append((child, "file" if e["type"] == "file" else "other"))
+                entries.append((child, kind if kind in ("file", "dangling", "loop") else "other"))
 
-    visit(path, "", 0)
+    visit(path, "", (_real(path),))
     return sorted(entries), sorted(top)
+
+
+def _real(path: str) -> str:
+    """The path with every symbolic link resolved (a no-op on object stores, which have none)."""
+    return os.path.realpath(path) if os.path.isabs(path) else path
+
+
+def _link_kind(fs, name: str, inside: tuple[str, ...]) -> str:
+    """What the symbolic link ``name`` resolves to: "file", "directory", "other", "dangling", or "loop" when it is
+    a folder the walk is already inside (``inside``: the resolved folders from the root down)."""
+    try:
+        kind = fs.info(name)["type"]  # follows the link (fsspec's ls reports every link as type "other")
+    except FileNotFoundError:
+        return "dangling"
+    except OSError:  # ELOOP: a link that resolves to itself
+        return "loop"
+    if kind == "directory":
+        target = _real(name)
+        if any(f == target or f.startswith(target.rstrip("/") + "/") for f in inside):
+            return "loop"
+    return kind
 
 
 def is_image_name(name: str) -> bool:
@@ -117,8 +149,8 @@ def list_image_folder(root: str, class_list: list[str] | None = None) -> tuple[l
         label, reason = index.get(folder, -1), ""
         if kind == "hidden":
             reason = "hidden (its name starts with '.'): not read as an input; rename it to include it"
-        elif kind == "other":
-            reason = "neither a file nor a folder (a broken symbolic link?); fix or remove it"
+        elif kind in KIND_REASONS:
+            reason = KIND_REASONS[kind]
         elif not folder:
             reason = "not inside a class folder (ImageFolder layout is <root>/<class>/<image>)"
         elif label < 0:

@@ -98,14 +98,42 @@ def test_listing_accounts_for_every_entry_on_disk(tmp_path):
     got = {it["key"]: (it["label"], it["reason"].split(" (")[0].split(":")[0]) for it in items}
     assert got == {
         "_cache": (-1, "hidden"), "_hidden_jpg": (-1, "hidden"), "a/_DS_Store": (0, "hidden"),
-        "a/1": (0, ""), "a/gone": (0, "neither a file nor a folder"), "a/sub/2": (0, ""),
-        "b/3": (1, ""), "b/notes": (1, "not an image file"), "loop": (-1, "neither a file nor a folder"),
+        "a/1": (0, ""), "a/gone": (0, "a symbolic link to a file or folder that does not exist"), "a/sub/2": (0, ""),
+        "b/3": (1, ""), "b/notes": (1, "not an image file"),
+        "loop": (-1, "a symbolic link to a folder that contains it, or to itself"),
         "stray": (-1, "not inside a class folder"),
     }
     # on disk: 11 entries at the level the listing stops (a hidden folder is one entry, not entered)
     on_disk = [p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()]
     assert len(items) == len([p for p in on_disk if ".cache" not in p.parts]) + 1
     assert [it["source"] for it in items if it["key"] == "a/1"] == [str(root / "a" / "1.jpg")]
+
+
+def test_symbolic_links_that_resolve_are_followed_the_others_rejected_saying_why(tmp_path):
+    store, root = tmp_path / "store", tmp_path / "in"
+    _tree(store, ["photo.jpg", "dogs/1.jpg", "dogs/2.png"])
+    _tree(root, ["cat/1.jpg"])
+    (root / "cat" / "linked.jpg").symlink_to(store / "photo.jpg")  # a link to a file: an input
+    (root / "dog").symlink_to(store / "dogs")  # a class folder linked from a shared store: walked, a class
+    (root / "cat" / "gone.jpg").symlink_to(store / "missing.jpg")  # dangling
+    (root / "cat" / "up").symlink_to(root)  # a link to a folder the walk is inside: a loop, not walked
+    (store / "dogs" / "back").symlink_to(root)  # from inside the linked class folder back to the root: a loop
+    items, classes = list_image_folder(str(root))
+    assert classes == ["cat", "dog"]
+    got = {it["key"]: (it["label"], it["reason"].split(" (")[0]) for it in items}
+    assert got == {
+        "cat/1": (0, ""), "cat/linked": (0, ""), "dog/1": (1, ""), "dog/2": (1, ""),
+        "cat/gone": (0, "a symbolic link to a file or folder that does not exist"),
+        "cat/up": (0, "a symbolic link to a folder that contains it, or to itself"),
+        "dog/back": (1, "a symbolic link to a folder that contains it, or to itself"),
+    }
+    sources = {it["key"]: it["source"] for it in items}
+    assert sources["dog/2"] == str(root / "dog" / "2.png") and sources["cat/linked"] == str(root / "cat/linked.jpg")
+    # the same store linked twice is two classes (not a loop): each link is its own folder of the input
+    (root / "wolf").symlink_to(store / "dogs")
+    items, classes = list_image_folder(str(root))
+    assert classes == ["cat", "dog", "wolf"] and sum(it["key"].startswith("wolf/") and not it["reason"]
+                                                      for it in items) == 2
 
 
 def test_an_empty_class_folder_stops_the_listing_or_keeps_its_index(tmp_path, caplog):

@@ -69,6 +69,21 @@ def _bad_folder(root: Path) -> dict[str, tuple[str, str]]:
     return {k: (status, reason) for k, (_, _, status, reason) in files.items()}
 
 
+def _as_symlink_farm(root: Path, expected: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """The folder of :func:`_bad_folder` with the class folder ``dog`` linked from a shared store and a link to a
+    photo elsewhere (inputs like any other), a dangling link and a loop (rejected, saying which)."""
+    store = root.parent / "store"
+    store.mkdir()
+    (root / "dog").rename(store / "dog")
+    (root / "dog").symlink_to(store / "dog")
+    (store / "photo.jpg").write_bytes(_encode(_photo(7), "JPEG"))
+    (root / "cat" / "linked.jpg").symlink_to(store / "photo.jpg")
+    (root / "cat" / "gone.jpg").symlink_to(store / "missing.jpg")
+    (root / "cat" / "up").symlink_to(root)
+    return {**expected, "cat/linked": ("accepted", ""), "cat/gone": ("rejected", "(dangling)"),
+            "cat/up": ("rejected", "(a loop)")}
+
+
 def _class_list(path: Path) -> str:
     path.write_text(json.dumps([{"index": 0, "wnid": "cat"}, {"index": 1, "wnid": "dog"}]))
     return str(path)
@@ -77,7 +92,7 @@ def _class_list(path: Path) -> str:
 def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
     from nextscale.pipelines.tokenize import read_and_views
 
-    expected = _bad_folder(tmp_path / "in")
+    expected = _as_symlink_farm(tmp_path / "in", _bad_folder(tmp_path / "in"))
     items, classes = list_image_folder(str(tmp_path / "in"), load_class_list(_class_list(tmp_path / "c.json")))
     assert classes == ["cat", "dog"]
     task = {"index": 0, "kind": "files", "items": items, "url": ""}
@@ -91,7 +106,7 @@ def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
         assert r["status"] == status, (r["key"], r["reason"])
         assert fragment in r["reason"], (r["key"], r["reason"])
     n_ok = sum(int(c["n_ok"][0]) for c in chunks)
-    assert n_ok == sum(s == "accepted" for s, _ in expected.values()) == 7
+    assert n_ok == sum(s == "accepted" for s, _ in expected.values()) == 8
     assert {r["key"]: r["label"] for r in records if r["status"] == "accepted"}["dog/good_2"] == 1
     # conversions: greyscale stays grey, 16-bit keeps its range (not clipped white), alpha goes over white
     grey, _ = decode_image((tmp_path / "in/cat/grey.jpg").read_bytes())
@@ -177,7 +192,7 @@ def _cfg(inp: str, out: str, **kw) -> TokenizeConfig:
 def test_job_end_to_end_local(ray_local, tmp_path):
     from nextscale.pipelines.tokenize import run
 
-    expected = _bad_folder(tmp_path / "in")
+    expected = _as_symlink_farm(tmp_path / "in", _bad_folder(tmp_path / "in"))
     out = str(tmp_path / "codes")
     cfg = _cfg(str(tmp_path / "in"), out, class_list=_class_list(tmp_path / "c.json"))
     summary = run(cfg)
