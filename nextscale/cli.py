@@ -14,7 +14,7 @@ import shutil
 import sys
 import textwrap
 
-from nextscale import preflight
+from nextscale import preflight, storage
 from nextscale.config import describe, dump_yaml, load_config, split_config_args
 from nextscale.errors import debug_requested, find_user_error
 from nextscale.interrupts import EXIT_CODE, stop_promptly
@@ -147,7 +147,7 @@ def _main(argv: list[str]) -> int:
               "written", file=sys.stderr)
         return EXIT_CODE
     logging.getLogger("nextscale").info("done")
-    print(json.dumps(summary, indent=1, default=str))
+    print(storage.json_text(summary, indent=1, default=str))
     return 0
 
 

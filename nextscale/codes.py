@@ -272,7 +272,7 @@ class Manifest:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["num_classes"] = self.num_classes
-        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+        return storage.json_text(d, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> Manifest:
@@ -361,7 +361,7 @@ def publish_shard(url: str, index: int, samples: Sequence[tuple[str, np.ndarray,
     storage.write_bytes(storage.join(url, name), data)
     part = {"shard": name, "fingerprint": fingerprint, "inputs": inputs, "sha256": sha256(data),
             "num_samples": len(samples), "records": records}
-    storage.write_text(storage.join(url, part_name(name)), json.dumps(part, sort_keys=True) + "\n")
+    storage.write_json(storage.join(url, part_name(name)), part, indent=None, sort_keys=True)
     return part
 
 

@@ -405,3 +405,11 @@ class WandbConfig:
     project: str = doc("nextscale", "wandb project")
     entity: str = doc("", "wandb entity (team); empty = your default")
     run_name: str = doc("", "run name; empty = derived from the output location")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorBoardConfig:
+    """TensorBoard event files of a training run: ``tensorboard --logdir runs/`` shows every run below it."""
+
+    enabled: bool = doc(True, "write event files under {output}/tensorboard: the logged metrics, the sample grids or "
+                              "reconstruction strips, the resolved config")

@@ -43,7 +43,7 @@ def save_pretrained(model: nn.Module, url: str) -> None:
     storage.makedirs(url)
     storage.write_bytes(storage.join(url, WEIGHTS_NAME), save(state, metadata={"format": FORMAT}))
     config = {"format": FORMAT, "model": kind, "nextscale_version": __version__, "config": to_dict(model.cfg)}
-    storage.write_text(storage.join(url, CONFIG_NAME), json.dumps(config, indent=1, sort_keys=True) + "\n")
+    storage.write_json(storage.join(url, CONFIG_NAME), config, sort_keys=True)
 
 
 def is_pretrained(url: str) -> bool:

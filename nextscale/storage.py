@@ -14,7 +14,9 @@ on the machine's disk (:func:`local_copy`), so the many workers of one node down
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import uuid
 
@@ -202,6 +204,26 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode())
+
+
+def json_text(data, *, indent: int | None = None, sort_keys: bool = False, default=None) -> str:
+    """Strict JSON (RFC 8259) of ``data``: a NaN or infinite float becomes null, since ``json.dumps``'s bare
+    ``NaN`` / ``Infinity`` are refused by jq, browsers and most languages (an mfu on a CPU is NaN)."""
+    return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, default=default, allow_nan=False)
+
+
+def write_json(url: str, data, *, indent: int | None = 1, sort_keys: bool = False, default=None) -> None:
+    write_text(url, json_text(data, indent=indent, sort_keys=sort_keys, default=default) + "\n")
+
+
+def _finite(data):
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def remove(url: str, recursive: bool = False) -> None:

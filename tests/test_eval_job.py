@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import strict_json
 from eval_models import write_tiny_models
 from PIL import Image
 
@@ -84,7 +84,8 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     assert sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())[:2] == ["000000.png", "000001.png"]
     with Image.open(tmp_path / "one" / "samples" / "000010.png") as im:
         assert np.array_equal(np.asarray(im), a["arr_0"][10])
-    saved = json.loads((tmp_path / "two" / "fid.json").read_text())
+    saved = strict_json.loads((tmp_path / "two" / "fid.json").read_text())
+    assert "fid.json" in strict_json.check_tree(tmp_path / "one")
     assert saved["fid"] == two["fid"] and saved["sampler_actors"] == 2
     ref = np.load(tmp_path / "one" / "reference_stats.npz")
     assert ref["features"].shape == (12, 64) and ref["mu"].shape == (64,)

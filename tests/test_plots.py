@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from prior_codes import write_codes
+from strict_json import check_tree
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nextscale.config import load_config
 from nextscale.eval import plots
@@ -27,7 +29,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+    return _png_bytes(path.read_bytes())
+
+
+def _png_bytes(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _events(folder: Path) -> EventAccumulator:
+    """The run's event files read back with TensorBoard's own reader (every event kept)."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
 
 
 def _rows(n: int, scale: float = 1.0) -> list[dict]:
@@ -90,6 +103,28 @@ def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "b" / "samples").exists()
 
+    # TensorBoard: every logged metric, the sample grids as images, the resolved config as text
+    events = _events(out / "tensorboard")
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in rows]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # stored as float32
+    assert "train/mfu" not in events.Tags()["scalars"]  # NaN on a CPU: nothing to draw
+    grids = events.Images("samples")
+    assert [e.step for e in grids] == [2, 4]
+    assert (_png_bytes(grids[-1].encoded_image_string) == last).all()
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "    output: " + str(out) in config and "    steps: 4" in config
+    # strict JSON in every file the stage wrote (the mfu of a CPU run is null, not NaN)
+    assert {"train_summary.json", "metrics.jsonl"} <= set(check_tree(out))
+    summary_json = json.loads((out / "train_summary.json").read_text())
+    assert summary_json["mfu"] is None and summary["mfu"] != summary["mfu"]
+
+
+def test_tensorboard_can_be_turned_off(codes, tmp_path):
+    cfg = _prior_cfg(codes, tmp_path, "steps=2", "sample_every=0", "tensorboard.enabled=false")
+    train_prior(cfg, LocalContext(cfg.output))
+    assert (tmp_path / "prior.pt").exists() and not (tmp_path / "tensorboard").exists()
+
 
 def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
     from nextscale.demo_data import make_demo_data
@@ -113,6 +148,11 @@ def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("psnr_db" in r for r in rows)
     w, h = plots.PANEL_SIZE
     assert _png(out / "curves.png").shape == (3 * h, 2 * w, 3)  # PSNR, usage, losses, total, lr
+    events = _events(out / "tensorboard")
+    assert [e.step for e in events.Scalars("train/psnr_db")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Images("reconstructions")] == [2, 4]
+    assert (_png_bytes(events.Images("reconstructions")[0].encoded_image_string) == first).all()
+    assert {"metrics.jsonl", "tokenizer_eval.json"} <= set(check_tree(out))
 
 
 def test_the_demo_writes_the_readme_pictures_and_the_readme_shows_them(tmp_path):
@@ -126,9 +166,9 @@ def test_the_demo_writes_the_readme_pictures_and_the_readme_shows_them(tmp_path)
     results = {"stages": {"sample": {"pictures": {n: {"url": str(tmp_path / f"{n}.png")} for n in ("grid", "coarse_to_fine")}},
                           "train-prior": {"pictures": {"curves": str(tmp_path / "curves.png")}}}}
     written = docs_pictures(results, str(tmp_path / "docs"))
-    # shrunk by the smallest whole factor that fits 640 px: 3, 1 and 2
+    # shrunk by the smallest whole factor that fits 640 px: 3 and 1; the curves as drawn
     assert {n: (w["height"], w["width"]) for n, w in written.items()} == {
-        "demo_grid.png": (344, 430), "demo_coarse_to_fine.png": (400, 600), "demo_prior_curves.png": (240, 400)}
+        "demo_grid.png": (344, 430), "demo_coarse_to_fine.png": (400, 600), "demo_prior_curves.png": (480, 800)}
     assert (_png(tmp_path / "docs" / "demo_coarse_to_fine.png") == _png(tmp_path / "coarse_to_fine.png")).all()
     assert _png(tmp_path / "docs" / "demo_grid.png").shape == (344, 430, 3)
     # without the prior stage (e.g. stages=[sample]) its picture is simply not rewritten

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import strict_json
 from PIL import Image
 
 from nextscale import codes, storage
@@ -224,6 +225,7 @@ def test_job_end_to_end_local(ray_local, tmp_path):
             direct = encoder({"views": views[None]})["codes"][0]
             assert (direct == codes_KL).mean() > 0.95  # batch composition may flip a rare near-tie on CPU
     assert len(keys) == n_ok
+    assert "manifest.json" in strict_json.check_tree(out)
 
     # rerun: nothing to do, same bytes
     before = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}

@@ -9,7 +9,6 @@ Training is seeded (weights and batch order) and small: 400 AdamW steps of batch
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 
@@ -129,7 +128,7 @@ def evaluate_demo_samples(cfg: FidConfig) -> dict:
         "num_samples": on_samples["count"], "num_real": on_real["count"], "train_images": int(len(train_y)),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    storage.write_text(storage.join(cfg.output, "classifier.json"), json.dumps(result, indent=1))
+    storage.write_json(storage.join(cfg.output, "classifier.json"), result)
     log.info("classifier check: generated samples classified as their class %.1f %% (held-out real images %.1f %%), "
              "classifier trained on %d real images in %.0f s", 100 * result["sample_accuracy"],
              100 * result["real_accuracy"], result["train_images"], result["seconds"])

@@ -7,11 +7,13 @@
 - ``reconstructions/step-XXXXXXXX.png`` (tokenizer, same schedule): one row per fixed held-out image:
   the original, then the reconstruction from the first 1, 2, ..., S scales (the last is the full one).
 
-Curves are drawn with Pillow alone (no plotting library to install, the same pixels on every machine).
+Curves are drawn with matplotlib (its Agg canvas, no display needed); the sample grids and strips are images
+put together with numpy and Pillow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -20,21 +22,39 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from nextscale import storage
 from nextscale.eval.config import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-# (panel title, metrics.jsonl keys drawn in it); a panel whose keys never occur is left out
-PRIOR_CURVES = (("loss", ("loss",)), ("token accuracy: first / last scale", ("acc_first", "acc_last")),
-                ("learning rate", ("lr",)), ("gradient norm (before clipping)", ("grad_norm",)))
-TOKENIZER_CURVES = (("PSNR (dB), training batches", ("psnr_db",)), ("codebook usage", ("codebook_usage",)),
-                    ("reconstruction and VQ losses", ("l1", "l2", "vq_loss")), ("total loss", ("loss",)),
-                    ("GAN losses", ("g_loss", "d_loss")), ("learning rate", ("lr",)))
-PANEL_SIZE = (400, 240)  # (width, height) in pixels
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One panel of curves.png: the metrics.jsonl keys drawn in it (left out when none occurs)."""
+
+    title: str
+    keys: tuple[str, ...]
+    noisy: bool = True  # per-batch measurements: the raw line faint, a smoothed line over it
+    loss: bool = False  # a loss: log y axis when it spans a decade or more
+
+
+PRIOR_CURVES = (Panel("loss (cross-entropy per token)", ("loss",), loss=True),
+                Panel("token accuracy: first / last scale", ("acc_first", "acc_last")),
+                Panel("learning rate", ("lr",), noisy=False),
+                Panel("gradient norm (before clipping)", ("grad_norm",), loss=True))
+TOKENIZER_CURVES = (Panel("PSNR (dB), training batches", ("psnr_db",)),
+                    Panel("codebook usage", ("codebook_usage",), noisy=False),
+                    Panel("reconstruction and VQ losses", ("l1", "l2", "vq_loss"), loss=True),
+                    Panel("total loss", ("loss",), loss=True),
+                    Panel("GAN losses", ("g_loss", "d_loss"), loss=True),
+                    Panel("learning rate", ("lr",), noisy=False))
+PANEL_SIZE, DPI, FONT_SIZE = (560, 360), 100, 11  # a curve panel's (width, height) in pixels: text reads in the README
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+# a smoothed line over the raw one from MIN_SMOOTHED points on, averaging 1/SMOOTH_POINTS of them around each
+MIN_SMOOTHED, SMOOTH_POINTS = 10, 20
 GRID_CLASSES, GRID_SAMPLES, MIN_TILE = 8, 4, 64  # prior grids: classes x samples, tiles upscaled to >= 64 px
 STRIP_IMAGES = 4
 
@@ -43,21 +63,33 @@ STRIP_IMAGES = 4
 # Curves
 
 
-def draw_curves(rows: Sequence[dict], panels: Sequence[tuple[str, Sequence[str]]], *, cols: int = 2,
+def draw_curves(rows: Sequence[dict], panels: Sequence[Panel], *, cols: int = 2,
                 panel_size: tuple[int, int] = PANEL_SIZE, x_key: str = "step") -> np.ndarray:
-    """uint8 (H, W, 3): ``cols`` panels per line, each ``panel_size``; H = ceil(panels / cols) * height,
-    W = min(cols, panels) * width, counting only panels with at least one finite value."""
-    present = [(title, [k for k in keys if _points(rows, x_key, k)]) for title, keys in panels]
-    present = [(title, keys) for title, keys in present if keys]
+    """uint8 (H, W, 3) drawn with matplotlib: ``cols`` panels per line, each ``panel_size`` pixels; H = ceil(panels /
+    cols) * height, W = min(cols, panels) * width, counting only panels with at least one finite value.
+
+    Each panel has its axes, ticks, a grid and a legend (with the latest value); a noisy series is drawn raw and
+    faint with its smoothed line over it; a loss's y axis is logarithmic where it spans a decade or more.
+    """
+    from matplotlib import rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = [dataclasses.replace(p, keys=tuple(k for k in p.keys if _points(rows, x_key, k))) for p in panels]
+    present = [p for p in present if p.keys]
     if not present:
-        raise ValueError(f"no values of {[k for _, keys in panels for k in keys]} in {len(rows)} metric rows")
-    pw, ph = panel_size
+        raise ValueError(f"no values of {[k for p in panels for k in p.keys]} in {len(rows)} metric rows")
     n_cols = min(cols, len(present))
-    canvas = Image.new("RGB", (n_cols * pw, math.ceil(len(present) / n_cols) * ph), "white")
-    for i, (title, keys) in enumerate(present):
-        _draw_panel(canvas, (i % n_cols) * pw, (i // n_cols) * ph, pw, ph, title,
-                    {k: _points(rows, x_key, k) for k in keys})
-    return np.asarray(canvas)
+    n_rows = math.ceil(len(present) / n_cols)
+    with rc_context({"font.size": FONT_SIZE}):
+        fig = Figure(figsize=(n_cols * panel_size[0] / DPI, n_rows * panel_size[1] / DPI), dpi=DPI,
+                     layout="constrained")
+        canvas = FigureCanvasAgg(fig)
+        for i, panel in enumerate(present):
+            _draw_panel(fig.add_subplot(n_rows, n_cols, i + 1), panel, {k: _points(rows, x_key, k) for k in panel.keys},
+                        x_key)
+        canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _points(rows: Sequence[dict], x_key: str, key: str) -> list[tuple[float, float]]:
@@ -69,47 +101,36 @@ def _points(rows: Sequence[dict], x_key: str, key: str) -> list[tuple[float, flo
     return out
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def smooth(values: Sequence[float], half_window: int) -> np.ndarray:
+    """Centred moving average over ``2 * half_window + 1`` points (fewer at the ends): no lag behind the data."""
+    c = np.concatenate([[0.0], np.cumsum(values)])
+    i = np.arange(len(values))
+    lo, hi = np.maximum(i - half_window, 0), np.minimum(i + half_window + 1, len(values))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
-def _draw_panel(canvas: Image.Image, x0: int, y0: int, w: int, h: int, title: str,
-                lines: dict[str, list[tuple[float, float]]]) -> None:
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    left, right, top, bottom = x0 + 58, x0 + w - 12, y0 + 34, y0 + h - 24  # the plot area
-    xs = [x for pts in lines.values() for x, _ in pts]
+def _draw_panel(ax, panel: Panel, lines: dict[str, list[tuple[float, float]]], x_key: str) -> None:
     ys = [y for pts in lines.values() for _, y in pts]
-    x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    if y_hi == y_lo:  # a flat line sits in the middle
-        pad = abs(y_lo) * 0.1 or 1.0
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-
-    draw.text((x0 + 8, y0 + 4), title, fill="black", font=font)
-    legend_x = x0 + 8
     for (key, pts), color in zip(lines.items(), COLORS):
-        label = f"{key} {_fmt(pts[-1][1])}"  # the latest value beside the name
-        draw.text((legend_x, y0 + 18), label, fill=color, font=font)
-        legend_x += int(draw.textlength(label, font=font)) + 14
-    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    for y in (y_lo, y_hi):
-        draw.text((x0 + 4, to_px(x_lo, y)[1] - 6), _fmt(y), fill=(90, 90, 90), font=font)
-    draw.text((left, bottom + 6), _fmt(x_lo), fill=(90, 90, 90), font=font)
-    label = f"step {_fmt(x_hi)}"
-    draw.text((right - draw.textlength(label, font=font), bottom + 6), label, fill=(90, 90, 90), font=font)
-    for (_, pts), color in zip(lines.items(), COLORS):
-        px = [to_px(x, y) for x, y in pts]
-        if len(px) == 1:
-            draw.ellipse((px[0][0] - 2, px[0][1] - 2, px[0][0] + 2, px[0][1] + 2), fill=color)
+        x, y = np.array(pts).T
+        label = f"{key} (last {y[-1]:.4g})"
+        if panel.noisy and len(pts) >= MIN_SMOOTHED:
+            ax.plot(x, y, color=color, alpha=0.3, linewidth=1)
+            ax.plot(x, smooth(y, max(1, len(pts) // SMOOTH_POINTS)), color=color, linewidth=2, label=label)
         else:
-            draw.line(px, fill=color, width=2)
+            ax.plot(x, y, color=color, linewidth=2, marker="o" if len(pts) == 1 else None, label=label)
+    if panel.loss and min(ys) > 0 and max(ys) >= 10 * min(ys):
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 4))  # a learning rate as 2.0 x 1e-3
+    ax.set_title(panel.title)
+    ax.set_xlabel(x_key)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.legend(loc="best", fontsize="small")
 
 
-def write_curves(url: str, rows: Sequence[dict], panels: Sequence[tuple[str, Sequence[str]]]) -> str | None:
+def write_curves(url: str, rows: Sequence[dict], panels: Sequence[Panel]) -> str | None:
     """Draw ``rows`` into ``url`` (a PNG); None (and nothing written) while there is nothing to draw."""
     try:
         image = draw_curves(rows, panels)
@@ -135,12 +156,12 @@ def step_picture_url(output: str, folder: str, step: int) -> str:
 
 class TrainingPictures:
     """Calls ``draw(step) -> uint8 (H, W, 3)`` every ``every`` steps; writes ``{output}/{folder}/step-XXXXXXXX.png``
-    and logs it to wandb. ``every`` = 0 turns it off (and is what other ranks than 0 get)."""
+    and logs it to ``trackers`` (wandb, TensorBoard). ``every`` = 0 turns it off (and is what other ranks than 0 get)."""
 
-    def __init__(self, output: str, folder: str, every: int, draw: Callable[[int], np.ndarray], wandb=None,
+    def __init__(self, output: str, folder: str, every: int, draw: Callable[[int], np.ndarray], trackers=None,
                  caption: str = ""):
         self.output, self.folder, self.every = output, folder, every
-        self.draw, self.wandb, self.caption = draw, wandb, caption
+        self.draw, self.trackers, self.caption = draw, trackers, caption
         self.latest: str | None = None
 
     def __call__(self, step: int) -> float:
@@ -154,8 +175,8 @@ class TrainingPictures:
             image = self.draw(step)
         self.latest = step_picture_url(self.output, self.folder, step)
         storage.write_bytes(self.latest, _png(image))
-        if self.wandb is not None:
-            self.wandb.log_image(self.folder, image, caption=self.caption, step=step)
+        if self.trackers is not None:
+            self.trackers.log_image(self.folder, image, caption=self.caption, step=step)
         seconds = time.perf_counter() - t0
         log.info("step %d: wrote %s (%.1f s)", step, self.latest, seconds)
         return seconds
@@ -219,10 +240,10 @@ def reconstruction_strip(vqvae, img_B3HW: torch.Tensor) -> np.ndarray:
 
 def docs_copy(src_url: str, dest_path: str, max_side: int = 640) -> dict:
     """Copy the PNG at ``src_url`` to ``dest_path``, shrunk by the smallest whole factor that brings its longer
-    side to at most ``max_side`` (nearest neighbour: the upscaled tiles of a grid stay sharp)."""
+    side to at most ``max_side`` (nearest neighbour: the upscaled tiles of a grid stay sharp); 0 = as it is."""
     with Image.open(io.BytesIO(storage.read_bytes(src_url))) as im:
         image = im.convert("RGB")
-    factor = math.ceil(max(image.size) / max_side)
+    factor = math.ceil(max(image.size) / max_side) if max_side else 1
     if factor > 1:
         image = image.resize((image.width // factor, image.height // factor), Image.NEAREST)
     storage.write_bytes(dest_path, _png(np.asarray(image)))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import statistics
@@ -512,7 +511,7 @@ def run(cfg: BenchConfig) -> dict:
     def emit(new_rows: list[dict]) -> None:
         for row in new_rows:
             rows.append(row)
-            line = json.dumps(row)
+            line = storage.json_text(row)
             print(line, flush=True)
             if cfg.output:
                 previous = storage.read_text(cfg.output) if storage.exists(cfg.output) else ""

@@ -8,7 +8,6 @@ from its outputs, so a second ``make demo`` only redoes what is missing. Writes 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 
@@ -35,7 +34,7 @@ class DemoConfig:
     overrides: tuple[str, ...] = doc((), "stage overrides as stage:key.sub=value, e.g. train-prior:optim.steps=100")
     results: str = doc("runs/demo/results.json", "where the demo's summary goes")
     docs_images: str = doc("docs/images", "where the README's copies of the sample grid, the coarse-to-fine picture "
-                                          "and the prior's curves go (shrunk to <= 640 px); empty = none")
+                                          "(shrunk to <= 640 px) and the prior's curves go; empty = none")
     ray: RayConfig = doc(RayConfig(), "Ray cluster (a local instance by default)")
 
     def __post_init__(self):
@@ -74,15 +73,16 @@ def run(cfg: DemoConfig) -> dict:
     results["minutes"]["total"] = round((time.perf_counter() - t_start) / 60, 2)
     if cfg.docs_images:
         results["docs_images"] = docs_pictures(results, cfg.docs_images)
-    storage.write_text(cfg.results, json.dumps(results, indent=1, default=str))
+    storage.write_json(cfg.results, results, default=str)
     _log_summary(results, cfg)
     return results
 
 
-# README picture -> (stage, where the stage's summary names it)
-DOCS_PICTURES = {"demo_grid.png": ("sample", ("pictures", "grid", "url")),
-                 "demo_coarse_to_fine.png": ("sample", ("pictures", "coarse_to_fine", "url")),
-                 "demo_prior_curves.png": ("train-prior", ("pictures", "curves"))}
+# README picture -> (stage, where the stage's summary names it, longest side in the README; 0 = as drawn: the
+# curves are drawn at a size whose text reads, shrinking them would blur it)
+DOCS_PICTURES = {"demo_grid.png": ("sample", ("pictures", "grid", "url"), 640),
+                 "demo_coarse_to_fine.png": ("sample", ("pictures", "coarse_to_fine", "url"), 640),
+                 "demo_prior_curves.png": ("train-prior", ("pictures", "curves"), 0)}
 
 
 def docs_pictures(results: dict, folder: str) -> dict:
@@ -90,12 +90,12 @@ def docs_pictures(results: dict, folder: str) -> dict:
     from nextscale.eval.plots import docs_copy
 
     out = {}
-    for name, (stage, keys) in DOCS_PICTURES.items():
+    for name, (stage, keys, max_side) in DOCS_PICTURES.items():
         url = results["stages"].get(stage)
         for key in keys:
             url = url.get(key) if isinstance(url, dict) else None
         if url:
-            out[name] = docs_copy(url, storage.join(folder, name))
+            out[name] = docs_copy(url, storage.join(folder, name), max_side)
     if out:
         log.info("demo: README pictures %s in %s", ", ".join(out), folder)
     return out

@@ -350,7 +350,7 @@ def run(cfg: FidConfig) -> dict:
         write_sample_npz(storage.join(cfg.output, "samples.npz"), got["image"], got["label"])
         result["npz"] = storage.join(cfg.output, "samples.npz")
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    storage.write_text(result["output"], json.dumps(result, indent=1))
+    storage.write_json(result["output"], result)
     wandb = WandbRun(cfg.wandb, run_id=f"fid-{cfg.output.rstrip('/').rsplit('/', 1)[-1]}", config=cfg)
     wandb.log({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     wandb.finish()

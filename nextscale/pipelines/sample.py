@@ -6,7 +6,6 @@ coarse_to_fine.png, edit.png (when ``edit.image`` is set), summary.json, config.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -54,7 +53,7 @@ def run(cfg: SampleConfig) -> dict:
     wandb.finish()
     seconds = time.perf_counter() - t0
     summary = {"pictures": pictures, "images_sampled": n, "seconds": round(seconds, 2), "device": str(device)}
-    storage.write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
+    storage.write_json(storage.join(cfg.output, "summary.json"), summary)
     log.info("sample: %d images from %s on %s in %.1f s; wrote %s to %s", n, cfg.models.prior_url, device, seconds,
              ", ".join(f"{k}.png" for k in pictures), cfg.output)
     return summary

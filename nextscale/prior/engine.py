@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import logging
 import math
 import time
@@ -31,7 +30,7 @@ from nextscale.codes import Manifest
 from nextscale.config import dump_yaml, to_dict
 from nextscale.devices import peak_flops
 from nextscale.eval import plots
-from nextscale.logs import WandbRun
+from nextscale.logs import Trackers
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.loss import head_cross_entropy
 from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
@@ -247,13 +246,13 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     n_params = num_params(var_cfg)
     flops = flops_per_image(var_cfg)
     peak = peak_flops(device, cfg.precision)
-    wandb = WandbRun(cfg.wandb, run_id=checkpoint.run_id("prior", cfg.output), config=cfg, rank=rank)
+    trackers = Trackers(cfg, run_id=checkpoint.run_id("prior", cfg.output), rank=rank, start_step=step)
     # rank 0 samples on its own: impossible on a sharded (FSDP) model, whose forward needs every rank
     decoder = functools.cache(lambda: load_codes_tokenizer(cfg, manifest)[0].to(device).eval())
     samples = plots.TrainingPictures(
         cfg.output, "samples", cfg.sample_every if rank == 0 and not checkpoint.is_sharded(model) else 0,
         lambda _: plots.prior_sample_grid(model, decoder(), plots.grid_classes(var_cfg.num_classes), seed=cfg.seed),
-        wandb, caption="fixed classes and seeds")
+        trackers, caption="fixed classes and seeds")
     log.info("VAR %s: %.1f M parameters, %.1f GFLOP per image (fwd+bwd), L=%d; %d steps of %d images on %d "
              "worker(s) from step %d; peak lr %.2e, warm-up %d steps", cfg.model.preset, n_params / 1e6, flops / 1e9,
              var_cfg.num_tokens, total_steps, global_batch, world, step, schedule.peak_lr, schedule.warmup_steps)
@@ -296,7 +295,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
                      total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], lr,
                      metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "",
                      progress.eta(step - clock.start_step, total_steps - clock.start_step, time.perf_counter() - t_loop), progress.peak_memory(device))
-            wandb.log(metrics, step=step)
+            trackers.log(metrics, step=step)
             loss_sum.zero_()
             n_window = 0
             if is_ckpt:
@@ -312,7 +311,7 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
     pictures = {"curves": storage.join(cfg.output, "curves.png"), "samples": samples.where if samples.every else None}
     state.step = step
     summary = _finish(cfg, ctx, state, var_cfg, clock, pictures)
-    wandb.finish()
+    trackers.finish()
     return summary
 
 
@@ -345,7 +344,7 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes
 
 
 def _write_metrics(output: str, history: list[dict]) -> None:
-    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(storage.json_text(row) + "\n" for row in history))
     plots.write_curves(storage.join(output, "curves.png"), history, plots.PRIOR_CURVES)
 
 
@@ -385,7 +384,7 @@ def _finish(cfg: PriorTrainConfig, ctx: TrainContext, state: checkpoint.TrainSta
     if ctx.rank == 0:
         save_prior(summary["prior_url"], var_cfg, state_dict, tokenizer=tokenizer, step=step)
         _write_metrics(cfg.output, history)
-        storage.write_text(storage.join(cfg.output, "train_summary.json"), json.dumps(summary, indent=1))
+        storage.write_json(storage.join(cfg.output, "train_summary.json"), summary)
         log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
                  "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s, summary["final_loss"],
                  summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])

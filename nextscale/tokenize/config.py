@@ -9,6 +9,7 @@ from nextscale.config import (
     RENAMED_WORKER_KEYS,
     RayConfig,
     StorageConfig,
+    TensorBoardConfig,
     WandbConfig,
     WorkersConfig,
     doc,
@@ -119,6 +120,7 @@ class TokenizerTrainConfig:
     ray: RayConfig = doc(RayConfig(), "Ray cluster")
     storage: StorageConfig = doc(StorageConfig(), "object storage")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
+    tensorboard: TensorBoardConfig = doc(TensorBoardConfig(), "TensorBoard")
 
     RENAMED: ClassVar[dict[str, str]] = RENAMED_WORKER_KEYS
 

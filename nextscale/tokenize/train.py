@@ -10,7 +10,6 @@ and config; the end of the run writes ``{output}/tokenizer.pt`` (EMA weights, se
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -26,7 +25,7 @@ from nextscale import checkpoint, progress, storage
 from nextscale.config import dump_yaml, to_dict
 from nextscale.eval import plots
 from nextscale.images import accepted_images, list_image_folder
-from nextscale.logs import WandbRun
+from nextscale.logs import Trackers
 from nextscale.runtime import TrainContext
 from nextscale.tokenize.config import TokenizerTrainConfig
 from nextscale.tokenize.convert import load_tokenizer, save_tokenizer
@@ -145,14 +144,14 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
         log.info("resumed tokenizer training at step %d", state.step)
     step, history = state.step, state.extra["history"]
 
-    wandb = WandbRun(cfg.wandb, run_id=checkpoint.run_id("tokenizer", cfg.output), config=cfg, rank=ctx.rank)
+    trackers = Trackers(cfg, run_id=checkpoint.run_id("tokenizer", cfg.output), rank=ctx.rank, start_step=step)
     # the same few held-out images at every step (training images when there are none), center-cropped
     strip_items = (val_items or train_items)[:: max(1, len(val_items or train_items) // plots.STRIP_IMAGES)]
     strip_img = torch.stack(list(ImageFolderDataset(strip_items[: plots.STRIP_IMAGES], vq_cfg.image_size,
                                                     train=False))).to(device) if ctx.rank == 0 and cfg.sample_every else None
     strips = plots.TrainingPictures(
         cfg.output, "reconstructions", cfg.sample_every if ctx.rank == 0 else 0,
-        lambda _: plots.reconstruction_strip(ema if cfg.ema_decay > 0 else model, strip_img), wandb,
+        lambda _: plots.reconstruction_strip(ema if cfg.ema_decay > 0 else model, strip_img), trackers,
         caption="original, then decoded from the first 1, 2, ... scales")
     last_layer = model.decoder.conv_out.weight
     window: dict[str, float] = {}
@@ -239,7 +238,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
                      metrics["codebook_usage"], metrics["dead_codes"], lr, metrics["images_per_s"],
                      progress.eta(step - start_step, cfg.optim.steps - start_step, time.time() - t_run),
                      progress.peak_memory(device))
-            wandb.log(metrics, step=step)
+            trackers.log(metrics, step=step)
             history.append(metrics)
             window, n_window, t_window = {}, 0, time.time()
         if is_ckpt and ctx.rank == 0:
@@ -265,7 +264,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
             evaluation = evaluate_reconstruction(exported, val_loader, device)
             evaluation.update(weights="ema" if cfg.ema_decay > 0 else "raw", steps=step,
                               vqvae=to_dict(vq_cfg), data=cfg.data.val_url or f"{cfg.data.url} (held out)")
-            storage.write_text(storage.join(cfg.output, "tokenizer_eval.json"), json.dumps(evaluation, indent=1))
+            storage.write_json(storage.join(cfg.output, "tokenizer_eval.json"), evaluation)
             summary.update(val_psnr_db=evaluation["psnr_db"], val_codebook_usage=evaluation["codebook_usage"],
                            val_dead_codes=evaluation["dead_codes"])
         summary["tokenizer_url"] = storage.join(cfg.output, "tokenizer.pt")
@@ -276,10 +275,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, ctx: TrainContext) -> dict:
         log.info("tokenizer trained: %d steps in %.1f min; held-out PSNR %.2f dB, codebook usage %.1f %%; wrote %s",
                  step, summary["train_minutes"], summary.get("val_psnr_db", float("nan")),
                  100 * summary.get("val_codebook_usage", float("nan")), summary["tokenizer_url"])
-    wandb.finish()
+    trackers.finish()
     return summary
 
 
 def _write_metrics(output: str, history: list[dict]) -> None:
-    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(storage.json_text(row) + "\n" for row in history))
     plots.write_curves(storage.join(output, "curves.png"), history, plots.TOKENIZER_CURVES)
