@@ -33,6 +33,12 @@ FORWARDED_ENV = (
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY")
 
 
+# Ray's own info lines in this process (instance started, packages pushed, execution plans, Ray Data's progress
+# logged every 10 s where stderr is no terminal, which our progress lines replace) are not the user's business;
+# its warnings and errors still show
+RAY_LOG_LEVEL = logging.WARNING
+
+
 def is_secret(name: str) -> bool:
     """Whether the environment variable ``name`` holds a credential (AWS keys, WANDB_API_KEY, tokens...)."""
     return bool(SECRET_NAME.search(name))
@@ -54,13 +60,16 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=RAY_LOG_LEVEL)
     else:
         # workers of a local instance share this machine: relative local paths resolve against our cwd; they
         # inherit this process's environment (Ray's processes are its children), credentials included
         env[storage.DRIVER_CWD_ENV] = os.getcwd()
+        # Ray Train's preemption watcher (an actor) polls for nodes a cloud drains: a local instance has none
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         # address="local": never attach to some other Ray instance that happens to run on this machine
-        kwargs = {"address": "local", "include_dashboard": False, "runtime_env": runtime_env}
+        kwargs = {"address": "local", "include_dashboard": False, "runtime_env": runtime_env,
+                  "logging_level": RAY_LOG_LEVEL}
         if cfg.num_cpus:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory_mb:
@@ -68,6 +77,28 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("starting a local Ray instance")
         _start_watchdog()
         ray.init(**kwargs)
+        _start_autoscaling_coordinator()
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start the actor Ray Train and Ray Data send their resource requests to, and wait until it runs.
+
+    Ray Train's first request waits 5 s for it; on a busy 2-core machine a cold actor (a new process importing
+    Ray Data) takes longer, and the request fails with a warning and a traceback in the user's log.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
+
+
+def dashboard_url() -> str:
+    """The connected Ray's dashboard address; "" when it runs none (a local instance: no state API either)."""
+    try:
+        return ray._private.worker.get_dashboard_url() or ""
+    except Exception:  # noqa: BLE001 - not connected, or an older Ray without it: no dashboard known
+        return ""
 
 
 def _start_watchdog() -> None:

@@ -21,13 +21,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from nextscale import storage
 from nextscale.checkpoint import run_id
 from nextscale.logs import setup_logging
-from nextscale.pipelines.common import init_ray
+from nextscale.pipelines.common import dashboard_url, init_ray
 from nextscale.prior.config import PriorTrainConfig
 from nextscale.prior.engine import train_prior
 from nextscale.prior.parallelize import parallelize
@@ -73,6 +74,21 @@ class RayTrainContext:
         return model if self.world_size == 1 else parallelize(model, self.strategy, self.device)
 
 
+class Trainer(TorchTrainer):
+    """``TorchTrainer`` without Ray Train's placement-group cleaner where Ray runs no dashboard (a local instance).
+
+    The cleaner watches the controller through the state API, which the dashboard serves: without one it can
+    never see the controller die (so never cleans up), and it logs a warning every second of the run. A local
+    instance needs no cleaner: it dies with the driver (``watchdog.py``); a cluster has a dashboard.
+    """
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if dashboard_url():
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 def _worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     cfg, kind = config["cfg"], config["kind"]
@@ -103,7 +119,7 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _worker,
         train_loop_config={"cfg": cfg, "kind": kind, "context_cls": context_cls},
         scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
@@ -112,6 +128,9 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
             name=run_id(kind, cfg.output), storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray Train's own lines (resources requested, worker group started, each checkpoint's folder) are
+            # not the user's business; its warnings and errors still show
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     log.info("Ray Train: %s on %d worker(s) (%s), run %s, storage %s", kind, workers.count,

@@ -9,6 +9,7 @@ the models, the runner (``nextscale.pipelines.train``) only says which strategy 
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -24,6 +25,11 @@ def parallelize(model: nn.Module, strategy: Literal["ddp", "fsdp"], device: torc
         for block in getattr(model, "blocks", []):
             fully_shard(block)
         return fully_shard(model)
-    # the official DDP settings; the buffers (attention mask, level ids) are constants, no need to sync them
+    # the official DDP settings; the buffers (attention mask, level ids) are constants, no need to sync them before
+    # every forward (torch >= 2.13 names that forward_sync_buffers and warns about broadcast_buffers)
+    no_sync = {"forward_sync_buffers" if FORWARD_SYNC_BUFFERS else "broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=False, broadcast_buffers=False)
+                                   find_unused_parameters=False, **no_sync)
+
+
+FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
