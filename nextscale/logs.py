@@ -85,7 +85,10 @@ class TensorBoardRun:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it writes
 
         self.url = storage.join(output, "tensorboard")
-        self._local = tempfile.mkdtemp(prefix="nextscale-tensorboard-") if storage.is_remote(output) else self.url
+        self._remote = storage.is_remote(output)
+        # a local output: the path as storage resolves it (a Ray worker runs in a folder of its own)
+        self._local = tempfile.mkdtemp(prefix="nextscale-tensorboard-") if self._remote else \
+            storage.filesystem(self.url)[1]
         self._writer = SummaryWriter(self._local, purge_step=start_step + 1 if start_step else None, flush_secs=30)
         self._uploaded = time.monotonic()
         if config is not None:
@@ -99,7 +102,7 @@ class TensorBoardRun:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._writer.add_scalar(f"train/{key}", value, step)
-        if self._local != self.url and time.monotonic() - self._uploaded > self.UPLOAD_EVERY_S:
+        if self._remote and time.monotonic() - self._uploaded > self.UPLOAD_EVERY_S:
             self._upload()
 
     def log_image(self, name: str, image_HWC_uint8, caption: str = "", step: int | None = None) -> None:
@@ -116,7 +119,7 @@ class TensorBoardRun:
     def finish(self) -> None:
         if self._writer is None:
             return
-        if self._local != self.url:
+        if self._remote:
             self._upload()
         self._writer.close()
         self._writer = None

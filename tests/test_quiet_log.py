@@ -16,6 +16,7 @@ import pytest
 import strict_json
 import torch
 from prior_codes import write_codes
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
@@ -31,12 +32,12 @@ def test_a_training_stage_prints_its_progress_and_result_and_nothing_else(tmp_pa
     torch.manual_seed(0)
     save_tokenizer(build_vqvae("golden_tiny"), str(tmp_path / "tokenizer.pt"))
     codes = write_codes(str(tmp_path / "codes"), str(tmp_path / "tokenizer.pt"), num_samples=32, views=1, seed=0)
-    out = tmp_path / "prior"
+    out = tmp_path / "prior"  # given relative to the command's folder: Ray Train workers run in folders of their own
     env = {**os.environ, "NEXTSCALE_PROGRESS": "lines", "RAY_ADDRESS": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "nextscale.cli", "train-prior", f"data.url={codes}", "data.batch_size=8",
          "model.preset=golden_tiny", f"steps={STEPS}", f"log_every={LOG_EVERY}", f"ckpt_every={CKPT_EVERY}", "sample_every=3",
-         f"output={out}", "workers.count=2", "ray.num_cpus=2"],
+         "output=prior", "workers.count=2", "ray.num_cpus=2"],
         capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
@@ -56,3 +57,7 @@ def test_a_training_stage_prints_its_progress_and_result_and_nothing_else(tmp_pa
     summary = strict_json.loads(proc.stdout)  # the stage's summary on stdout, strict JSON (mfu is null on a CPU)
     assert summary["steps"] == STEPS and summary["mfu"] is None
     assert {"train_summary.json", "metrics.jsonl"} <= set(strict_json.check_tree(out))
+    # rank 0's TensorBoard events land in the output folder, whatever folder the worker runs in
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 4, 6]
