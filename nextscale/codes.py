@@ -6,7 +6,8 @@ Layout under a codes URL (``docs/codes-format.md`` describes every field)::
     parts/codes-000000.json resume record of that shard: every listed item (accepted or rejected + reason),
                             the tar's sha256, the job fingerprint and the digest of the shard's inputs
     index.parquet           one row per listed image: key, label, source, shard, status, reason
-    manifest.json           written last: tokenizer identity, scales, views, shard checksums, classes, rejections
+    manifest.json           written last: tokenizer identity, scales, views, shard checksums, classes, the count of
+                            rejections and the first ones (its size grows with the shards, not the samples)
     config.yaml             the resolved job config
 
 Shard bytes are a pure function of their samples (fixed member order, mtime, uid/gid, mode), so a rerun of
@@ -260,7 +261,7 @@ class Manifest:
     num_listed: int
     num_samples: int
     num_rejected: int
-    rejected: list[dict[str, str]]     # key, source, reason
+    rejected: list[dict[str, str]]     # key, source, reason of the first MAX_LISTED_REJECTIONS (all in index.parquet)
     input: dict[str, str]              # url, format
     format: str = FORMAT
     dtype: str = "uint16"
@@ -392,17 +393,21 @@ def finished_part(url: str, index: int, *, fingerprint: str, inputs: str) -> dic
     return part
 
 
-def collect_parts(parts: Sequence[dict]) -> tuple[list[ShardInfo], list[dict]]:
-    """(shard infos, index rows) from the shards' records in shard order; rows follow the listing order."""
-    rows, infos = [], []
-    for part in parts:
-        for r in part["records"]:
-            rows.append({"key": r["key"], "label": int(r["label"]), "source": r["source"],
-                         "shard": part["shard"] if r["status"] == "accepted" else "",
-                         "status": r["status"], "reason": r["reason"]})
-        infos.append(ShardInfo(name=part["shard"], num_samples=part["num_samples"], sha256=part["sha256"],
-                               num_rejected=len(part["records"]) - part["num_samples"]))
-    return infos, rows
+def read_part(url: str, shard: str) -> dict:
+    """The resume record of ``shard`` (its every listed item) under ``url``."""
+    return json.loads(storage.read_text(storage.join(url, part_name(shard))))
+
+
+def shard_info(part: dict) -> ShardInfo:
+    return ShardInfo(name=part["shard"], num_samples=part["num_samples"], sha256=part["sha256"],
+                     num_rejected=len(part["records"]) - part["num_samples"])
+
+
+def part_rows(part: dict) -> list[dict]:
+    """The ``index.parquet`` rows of one shard's record, in listing order."""
+    return [{"key": r["key"], "label": int(r["label"]), "source": r["source"],
+             "shard": part["shard"] if r["status"] == "accepted" else "", "status": r["status"],
+             "reason": r["reason"]} for r in part["records"]]
 
 
 def discard_incomplete(url: str) -> None:
@@ -421,19 +426,31 @@ def discard_incomplete(url: str) -> None:
 
 
 INDEX_COLUMNS = ("key", "label", "source", "shard", "status", "reason")
+MAX_LISTED_REJECTIONS = 100  # manifest.json names the first rejections; index.parquet holds all of them
 
 
-def index_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
-    """``index.parquet`` bytes: one row per listed item (key, label, source, shard, status, reason)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class IndexWriter:
+    """``index.parquet`` bytes written one shard's rows at a time (a row group each): the job never holds the
+    rows of every input, only the compressed file (a few bytes per row)."""
 
-    schema = pa.schema([("key", pa.string()), ("label", pa.int32()), ("source", pa.string()),
-                        ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string())])
-    table = pa.table({c: [r[c] for r in rows] for c in INDEX_COLUMNS}, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    def __init__(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = pa.schema([("key", pa.string()), ("label", pa.int32()), ("source", pa.string()),
+                                 ("shard", pa.string()), ("status", pa.string()), ("reason", pa.string())])
+        self.buf = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.buf, self.schema, compression="zstd")
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        import pyarrow as pa
+
+        if rows:
+            self.writer.write_table(pa.table({c: [r[c] for r in rows] for c in INDEX_COLUMNS}, schema=self.schema))
+
+    def getvalue(self) -> bytes:
+        self.writer.close()
+        return self.buf.getvalue()
 
 
 def read_index(url: str):

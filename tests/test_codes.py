@@ -76,8 +76,14 @@ def test_manifest_and_index_round_trip(tmp_path):
              "reason": ""},
             {"key": "b", "label": -1, "source": "s3://b/b.txt", "shard": "", "status": "rejected",
              "reason": "not an image"}]
-    data = codes.index_bytes(rows)
-    assert data == codes.index_bytes(rows)
+    def index_bytes(shards):
+        writer = codes.IndexWriter()
+        for shard_rows in shards:
+            writer.add(shard_rows)
+        return writer.getvalue()
+
+    data = index_bytes([rows[:1], [], rows[1:]])
+    assert data == index_bytes([rows[:1], [], rows[1:]])
     storage.write_bytes(str(tmp_path / codes.INDEX), data)
     assert codes.read_index(str(tmp_path)).to_pylist() == rows
 
@@ -162,8 +168,9 @@ def test_resume_records(tmp_path):
         codes.finished_part(out, 3, fingerprint="g", inputs="i")
     (tmp_path / "codes-000003.tar").write_bytes(codes.build_shard(samples[:1]))
     assert codes.finished_part(out, 3, fingerprint="f", inputs="i") is None  # damaged: redo
-    infos, rows = codes.collect_parts([part])
-    assert infos == [codes.ShardInfo(name="codes-000003.tar", num_samples=2, sha256=part["sha256"], num_rejected=1)]
-    assert [(r["key"], r["shard"], r["status"]) for r in rows] == [
+    assert codes.read_part(out, "codes-000003.tar") == part
+    assert codes.shard_info(part) == codes.ShardInfo(name="codes-000003.tar", num_samples=2, sha256=part["sha256"],
+                                                     num_rejected=1)
+    assert [(r["key"], r["shard"], r["status"]) for r in codes.part_rows(part)] == [
         ("n0144/img_0", "codes-000003.tar", "accepted"), ("n0144/img_1", "codes-000003.tar", "accepted"),
         ("bad", "", "rejected")]

@@ -318,33 +318,30 @@ def run(cfg: TokenizeConfig) -> dict:
     fingerprint = job_fingerprint(cfg, tok, size)
     storage.makedirs(cfg.output)
 
-    parts: dict[int, dict] = {}
-    for task in tasks:
-        part = codes.finished_part(cfg.output, task.index, fingerprint=fingerprint, inputs=task.digest())
-        if part is not None:
-            parts[task.index] = part
-    todo = [t for t in tasks if t.index not in parts]
+    # finished shards are verified here and remembered by index only: records are read again, one shard at a time,
+    # when index.parquet is written, so the driver never holds the records of every input
+    done = {t.index for t in tasks
+            if codes.finished_part(cfg.output, t.index, fingerprint=fingerprint, inputs=t.digest()) is not None}
+    todo = [t for t in tasks if t.index not in done]
     if todo:
         codes.discard_incomplete(cfg.output)
     log.info("tokenize: %d shards planned from %s (%s), %d already done, %d to make -> %s",
-             len(tasks), cfg.input, fmt, len(parts), len(todo), cfg.output)
+             len(tasks), cfg.input, fmt, len(done), len(todo), cfg.output)
 
     t_job = time.perf_counter()
     made_images, timing = 0, {"encode_span_s": 0.0, "encode_busy_s": 0.0}
     if todo:
-        made_images, timing = _run_ray(cfg, todo, tok_source, fingerprint, size, L, parts, len(classes))
+        made_images, timing = _run_ray(cfg, todo, tok_source, fingerprint, size, L, len(classes))
     span = timing["encode_span_s"]
     # images/s from the encoder's first batch to its last: start-up excluded, starvation by decoding included
     steady = made_images / span if made_images and span > 0 else 0.0
     job_s = time.perf_counter() - t_job
 
-    manifest, rows = _collect(cfg, tasks, parts, classes, fmt, tok, vq)
-    storage.write_bytes(storage.join(cfg.output, codes.INDEX), codes.index_bytes(rows))
+    manifest, index, damaged = _collect(cfg, tasks, classes, fmt, tok, vq)
+    storage.write_bytes(storage.join(cfg.output, codes.INDEX), index)
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
     manifest.write(cfg.output)  # last: the dataset is complete
 
-    damaged = [{"source": r["source"], "reason": r["reason"]} for t in tasks for r in parts[t.index]["records"]
-               if r.get("input_error")]
     for d in damaged:
         log.warning("damaged input: %s", d["reason"])
     total_s = time.perf_counter() - t0
@@ -368,7 +365,7 @@ def run(cfg: TokenizeConfig) -> dict:
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes, fingerprint: str, size: int,
-             L: int, parts: dict[int, dict], num_classes: int) -> tuple[int, dict[str, float]]:
+             L: int, num_classes: int) -> tuple[int, dict[str, float]]:
     """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
     gpu = _use_gpu(cfg)
@@ -410,7 +407,6 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
         if len(pending[s]) == expected.get(s):
             samples, records = assemble_samples(s, pending.pop(s), cfg.views, L)
             part = codes.publish_shard(cfg.output, s, samples, records, fingerprint=fingerprint, inputs=digests[s])
-            parts[s] = part
             images += len(part["records"])
             log.info("wrote %s: %d samples, %d rejected", part["shard"], part["num_samples"],
                      len(part["records"]) - part["num_samples"])
@@ -421,23 +417,40 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
     return images, {"encode_span_s": max(0.0, t_last - t_first), "encode_busy_s": busy}
 
 
-def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], parts: dict[int, dict], classes: list[str], fmt: str,
-             tok: dict, vq) -> tuple[codes.Manifest, list[dict]]:
-    infos, rows = codes.collect_parts([parts[t.index] for t in tasks])
-    rejected = [{"key": r["key"], "source": r["source"], "reason": r["reason"]} for r in rows
-                if r["status"] != "accepted"]
+def _collect(cfg: TokenizeConfig, tasks: list[ShardTask], classes: list[str], fmt: str, tok: dict,
+             vq) -> tuple[codes.Manifest, bytes, list[dict]]:
+    """(manifest, index.parquet bytes, damaged input files) from the shards' records, read one at a time."""
+    index = codes.IndexWriter()
+    infos, rejected, damaged = [], [], []
+    first_of_label: dict[int, dict] = {}  # what classes_from_labels needs: one accepted row per label
+    listed = num_rejected = 0
+    for t in tasks:
+        part = codes.read_part(cfg.output, t.name)
+        rows = codes.part_rows(part)
+        index.add(rows)
+        infos.append(codes.shard_info(part))
+        listed += len(rows)
+        for row, record in zip(rows, part["records"]):
+            if row["status"] == "accepted":
+                first_of_label.setdefault(row["label"], row)
+                continue
+            num_rejected += 1
+            if len(rejected) < codes.MAX_LISTED_REJECTIONS:
+                rejected.append({"key": row["key"], "source": row["source"], "reason": row["reason"]})
+            if record.get("input_error"):
+                damaged.append({"source": row["source"], "reason": row["reason"]})
     if fmt in ("webdataset", "parquet") and not classes:
-        classes = classes_from_labels(rows)
+        classes = classes_from_labels(list(first_of_label.values()))
     manifest = codes.Manifest(
         tokenizer=tok, patch_nums=list(vq.patch_nums), vocab_size=vq.vocab_size, num_tokens=vq.num_tokens,
         image_size=vq.image_size, views=cfg.views,
         augmentation={"name": cfg.augmentation, "crop_ratio": cfg.crop_ratio, "seed": cfg.seed,
                       "interpolation": "lanczos", "flip": False},
         precision=cfg.precision, samples_per_shard=cfg.samples_per_shard, shards=infos, classes=list(classes),
-        num_listed=len(rows), num_samples=sum(i.num_samples for i in infos), num_rejected=len(rejected),
+        num_listed=listed, num_samples=sum(i.num_samples for i in infos), num_rejected=num_rejected,
         rejected=rejected, input={"url": cfg.input, "format": fmt},
     )
-    return manifest, rows
+    return manifest, index.getvalue(), damaged
 
 
 # ------------------------------------------------------------------------------------------------
