@@ -90,6 +90,29 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, workers):
     assert [(c.tolist(), l.tolist()) for c, l in head] + rest == full
 
 
+@pytest.mark.parametrize("at", [0, 24 * 9, 24 * 20, 24 * 25], ids=["start", "middle", "late", "in-final-flush"])
+@pytest.mark.parametrize("buffer", [1, 40, 200])
+def test_resume_reads_only_the_shards_it_still_needs(tmp_path, monkeypatch, at, buffer):
+    """Skipped samples are not read again: a resume replays the shuffle on references and reads the shards the
+    buffer and the rest of the epoch hold, so its first batch costs the same at any row (ImageNet: 1.28 M)."""
+    import nextscale.prior.data as data
+
+    n = _write(tmp_path, [24] * 26)
+    kw = dict(batch_size=24, seed=3, shuffle_buffer=buffer, epoch=1)
+    full = [(c.tolist(), l.tolist()) for c, l in CodeLoader(str(tmp_path), **kw)]
+    reads = []
+    monkeypatch.setattr(data, "read_shard", lambda url, **k: reads.append(url) or data.__dict__["_real_read"](url, **k))
+    monkeypatch.setitem(data.__dict__, "_real_read", __import__("nextscale.codes").codes.read_shard)
+    resumed = CodeLoader(str(tmp_path), **kw)
+    resumed.load_state_dict({**resumed.state_dict(), "samples": at})
+    rest = [(c.tolist(), l.tolist()) for c, l in resumed]
+    assert rest == full[at // 24:] and sum(len(c) for c, _ in full) == n
+    # exactly the shards holding samples still to come are read (ids spell shard * 24 + index); only the one the
+    # resume point falls in may be read twice
+    needed = {shard_name(i // 24) for codes, _ in rest for i in np.asarray(codes)[:, 0].tolist()}
+    assert {url.rsplit("/", 1)[1] for url in reads} == needed and len(reads) <= len(needed) + 1
+
+
 def test_equal_batches_keep_ranks_in_step(tmp_path):
     _write(tmp_path, [50, 10, 31])
     lens = []

@@ -15,6 +15,7 @@ world_size, num_workers, batch_size) and :meth:`CodeLoader.state_dict` / ``load_
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -57,42 +58,67 @@ class EpochPlan:
         else:
             self.counts = [self.total // num_readers + (r < self.total % num_readers) for r in range(num_readers)]
 
-    def samples(self, read: Callable[[ShardInfo], list], reader: int) -> Iterator[tuple[str, np.ndarray, int]]:
-        """This reader's samples in stream order (before shuffling); ``read(shard)`` gives a shard's samples."""
+    def refs(self, reader: int, start: int = 0) -> Iterator[tuple[int, int]]:
+        """This reader's stream from its ``start``-th sample as (shard position in ``order``, index in that shard);
+        no shard is read, and the shards before ``start`` are passed by their counts."""
         if self.by_shard:
-            for s in self.order[reader::self.R]:
-                yield from read(s)
+            for si in range(reader, len(self.order), self.R):
+                n = self.order[si].num_samples
+                yield from ((si, j) for j in range(start, n))
+                start = max(0, start - n)
             return
-        g = 0
-        for s in self.order:
-            for sample in read(s):
-                if g % self.R == reader:
-                    yield sample
-                g += 1
+        g, base = start * self.R + reader, 0  # the reader streams the global positions = reader (mod R)
+        for si, s in enumerate(self.order):
+            end = base + s.num_samples
+            while g < end:
+                yield si, g - base
+                g += self.R
+            base = end
+
+    def ref_at(self, reader: int, positions: np.ndarray) -> list[tuple[int, int]]:
+        """(shard position in ``order``, index in that shard) of the reader's stream ``positions``."""
+        if self.by_shard:
+            shards = np.arange(reader, len(self.order), self.R)
+            g = np.asarray(positions)
+        else:
+            shards, g = np.arange(len(self.order)), np.asarray(positions) * self.R + reader
+        sizes = np.array([self.order[i].num_samples for i in shards])
+        ends = np.cumsum(sizes)
+        k = np.searchsorted(ends, g, side="right")
+        return list(zip(shards[k].tolist(), (g - ends[k] + sizes[k]).tolist()))
+
+    def samples(self, read: Callable[[ShardInfo], list], reader: int,
+                start: int = 0) -> Iterator[tuple[str, np.ndarray, int]]:
+        """This reader's samples in stream order (before shuffling) from its ``start``-th on; ``read(shard)`` gives a
+        shard's samples, and only shards holding samples from ``start`` on are read."""
+        for si, group in itertools.groupby(self.refs(reader, start), key=lambda r: r[0]):
+            data = read(self.order[si])
+            for _, j in group:
+                yield data[j]
 
 
-def chunk_sequence(counts: list[int], chunk: int) -> list[tuple[int, int, int]]:
-    """The rank's fixed interleave: (worker, chunk index, size) round-robin over its workers' chunks."""
+def chunk_sequence(counts: list[int], chunk: int) -> Iterator[tuple[int, int, int]]:
+    """The rank's fixed interleave: (worker, chunk index, size) round-robin over its workers' chunks, generated as
+    it is consumed (a list would hold a tuple per chunk: 12.8 M rows are 200 k chunks)."""
     n_chunks = [-(-c // chunk) for c in counts]
-    return [(w, t, min(chunk, counts[w] - t * chunk))
-            for t in range(max(n_chunks, default=0)) for w in range(len(counts)) if t < n_chunks[w]]
+    return ((w, t, min(chunk, counts[w] - t * chunk))
+            for t in range(max(n_chunks, default=0)) for w in range(len(counts)) if t < n_chunks[w])
 
 
-def resume_point(counts: list[int], chunk: int, consumed: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+def resume_point(counts: list[int], chunk: int, consumed: int) -> tuple[list[int], Iterator[tuple[int, int, int]]]:
     """Per-worker samples to skip and the remaining (worker, chunk, size) sequence after ``consumed`` samples."""
     seq = chunk_sequence(counts, chunk)
     skip = [0] * len(counts)
     cum = 0
-    for i, (w, t, size) in enumerate(seq):
+    for w, t, size in seq:
         if cum + size > consumed:
             offset = consumed - cum
-            rest = [(w, t, size - offset)] + seq[i + 1:]
             skip[w] += offset
             # workers whose chunk at this round came earlier in the sequence have used it up
-            return skip, rest
+            return skip, itertools.chain([(w, t, size - offset)], seq)
         skip[w] += size
         cum += size
-    return skip, []
+    return skip, iter(())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,14 +139,12 @@ class _Readers(IterableDataset):
         info = get_worker_info()
         w = info.id if info is not None else 0
         reader = self.rank * self.W + w
-        stream = self._shuffled(self.plan.samples(self._read, reader), reader)
-        pos, codes, labels = 0, [], []
-        for key, codes_KL, label in stream:
-            if pos >= self.skip[w]:
-                codes.append(codes_KL[view_index(self.seed, self.epoch, key, codes_KL.shape[0])])
-                labels.append(label)
+        pos, codes, labels = self.skip[w], [], []
+        for key, codes_KL, label in self._stream(reader, pos):
+            codes.append(codes_KL[view_index(self.seed, self.epoch, key, codes_KL.shape[0])])
+            labels.append(label)
             pos += 1
-            if pos % CHUNK == 0 and codes:
+            if pos % CHUNK == 0:
                 yield w, (pos - 1) // CHUNK, np.stack(codes), np.asarray(labels, dtype=np.int64)
                 codes, labels = [], []
         if codes:
@@ -132,12 +156,49 @@ class _Readers(IterableDataset):
                           vocab_size=self.vocab_size if self.verify else None, attempts=self.attempts,
                           backoff_s=self.backoff_s)
 
-    def _shuffled(self, samples: Iterator, reader: int) -> Iterator:
-        if self.buffer <= 1:
-            yield from samples
-            return
+    def _stream(self, reader: int, skip: int) -> Iterator[tuple[str, np.ndarray, int]]:
+        """The reader's shuffled samples after its first ``skip``.
+
+        A resume does not read what it skips: the shuffle is replayed on stream positions (the manifest's counts
+        suffice; the buffer's draws once it is full are one vectorised ``rng.integers`` call, the same numbers
+        as one call per sample), then the shards the buffer still holds samples of are read, and the stream goes
+        on from the first sample not yet drawn. Time and memory to the first batch barely change with the row.
+        """
         rng = np.random.default_rng((self.seed, self.epoch, reader, 1))
-        buf: list = []
+        if self.buffer <= 1:
+            yield from self.plan.samples(self._read, reader, start=skip)
+            return
+        if not skip:
+            yield from self._shuffled(self.plan.samples(self._read, reader), rng, [])
+            return
+        n = self.plan.counts[reader]
+        full = min(self.buffer, n)  # the buffer fills with the first samples, then each new one swaps one out
+        drawn = min(skip, n - full)
+        slots = np.arange(full)  # stream position each buffer slot holds
+        if drawn:
+            last = np.full(full, -1)
+            np.maximum.at(last, rng.integers(full, size=drawn), np.arange(drawn))
+            slots = np.where(last >= 0, full + last, slots)
+        if drawn < skip:  # the resume point is in the final flush: the buffer's permutation, partly used
+            yield from self._fetch(self.plan.ref_at(reader, slots[rng.permutation(full)[skip - drawn:]]))
+            return
+        buf = self._fetch(self.plan.ref_at(reader, slots))
+        yield from self._shuffled(self.plan.samples(self._read, reader, start=full + drawn), rng, buf)
+
+    def _fetch(self, refs: list[tuple[int, int]]) -> list[tuple[str, np.ndarray, int]]:
+        """The samples of (shard, index) references, each shard read once."""
+        out: list = [None] * len(refs)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, (si, j) in enumerate(refs):
+            by_shard.setdefault(si, []).append((k, j))
+        for si, wanted in by_shard.items():
+            data = self._read(self.plan.order[si])
+            for k, j in wanted:
+                out[k] = data[j]
+        return out
+
+    def _shuffled(self, samples: Iterator, rng: np.random.Generator, buf: list) -> Iterator:
+        """A seeded shuffle buffer of ``self.buffer`` samples over ``samples``, starting from ``buf``."""
         for s in samples:
             if len(buf) < self.buffer:
                 buf.append(s)
@@ -215,8 +276,10 @@ class CodeLoader:
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This rank's chunks from ``self._consumed`` on, in the fixed interleave order."""
         skip, seq = resume_point(self.counts, CHUNK, self._consumed)
-        if not seq:
+        first = next(seq, None)
+        if first is None:
             return
+        seq = itertools.chain([first], seq)
         readers = _Readers(self, skip)
         if self.num_workers == 0:
             source: Iterator = iter(readers)
