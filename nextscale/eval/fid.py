@@ -109,19 +109,46 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+class SplitScores:
+    """The Inception Score's sums over ``splits`` contiguous splits of N logits, fed in index order a batch at a time:
+    per split the count, sum of p(y|x) and sum of sum_y p log p, so that no split's logits are ever held.
+    Splits are ``np.array_split``'s; exp(E KL(p(y|x) || p(y))) = exp(mean sum_y p log p - sum_y p(y) log p(y))."""
+
+    def __init__(self, n: int, splits: int = 10):
+        self.ends = np.cumsum([len(a) for a in np.array_split(np.arange(n), splits)])
+        self.count = np.zeros(len(self.ends), dtype=np.int64)
+        self.p_sum: np.ndarray | None = None
+        self.plogp_sum = np.zeros(len(self.ends), dtype=np.float64)
+        self.seen = 0
+
+    def update(self, logits_NK: np.ndarray) -> SplitScores:
+        logp = np.asarray(logits_NK, dtype=np.float64)
+        logp = logp - logp.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        p = np.exp(logp)
+        if self.p_sum is None:
+            self.p_sum = np.zeros((len(self.ends), p.shape[1]), dtype=np.float64)
+        split = np.searchsorted(self.ends, self.seen + np.arange(len(p)), side="right")
+        for s in np.unique(split):
+            rows = split == s
+            self.count[s] += rows.sum()
+            self.p_sum[s] += p[rows].sum(axis=0)
+            self.plogp_sum[s] += (p[rows] * logp[rows]).sum()
+        self.seen += len(p)
+        return self
+
+    def score(self) -> tuple[float, float]:
+        """(mean, std) over the non-empty splits."""
+        scores = []
+        for s in np.flatnonzero(self.count):
+            p_y = self.p_sum[s] / self.count[s]
+            scores.append(np.exp(self.plogp_sum[s] / self.count[s] - np.sum(p_y * np.log(p_y))))
+        return float(np.mean(scores)), float(np.std(scores))
+
+
 def inception_score(logits_NK: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """(mean, std) over ``splits`` contiguous splits of exp(mean KL(p(y|x) || p(y))); p = softmax(logits)."""
-    logits = np.asarray(logits_NK, dtype=np.float64)
-    logp = logits - logits.max(axis=1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    scores = []
-    for part in np.array_split(logp, splits):
-        if len(part) == 0:
-            continue
-        p = np.exp(part)
-        log_py = np.log(p.mean(axis=0, keepdims=True))
-        scores.append(np.exp(np.mean(np.sum(p * (part - log_py), axis=1))))
-    return float(np.mean(scores)), float(np.std(scores))
+    return SplitScores(len(logits_NK), splits).update(logits_NK).score()
 
 
 def _sq_distances(a_ND: torch.Tensor, b_MD: torch.Tensor) -> torch.Tensor:

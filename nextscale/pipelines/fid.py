@@ -3,7 +3,7 @@
     ray.data.from_items(group ids)                     group g = indices [g*G, (g+1)*G), G = group_size
       -> map_batches(Sampler, actors)                 one row per group: index (G,), label (G,), image (G,H,W,3)
       -> map_batches(Extractor, actors)               + pool (G,D) float32, logits (G,K) float32
-      -> driver: features placed at their indices    -> float64 statistics -> metrics -> {output}/fid.json
+      -> driver: groups taken in index order         -> float64 sums (memory: one chunk, not N) -> {output}/fid.json
 
 Sample i has class (i // samples_per_class) % num_classes, and its group's generator is seeded by
 (seed, i // group_size) (see ``nextscale.eval.generate``). Rows stay whole groups through both stages,
@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import logging
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import ray
@@ -34,8 +34,8 @@ from nextscale.eval import features as feature_lib
 from nextscale.eval.config import FidConfig
 from nextscale.eval.fid import (
     FeatureStats,
+    SplitScores,
     frechet_distance,
-    inception_score,
     load_reference_npz,
     precision_recall,
     write_sample_npz,
@@ -204,27 +204,75 @@ def _use_gpu(cfg: FidConfig) -> bool:
     return gpus > 0
 
 
-def _gather(batches, n: int) -> dict[str, np.ndarray]:
-    """Rows of groups -> arrays indexed by sample index (pool, logits, labels, optional images)."""
-    out: dict[str, np.ndarray] = {}
-    progress = Progress(n, "fid: sample + features", unit="img", bar=False)  # Ray Data shows its bars
-    for batch in batches:
-        valid = batch["index"] >= 0
-        progress.update(int(valid.sum()))
-        idx = batch["index"][valid]
-        for key in ("pool", "logits", "label", "image"):
-            if key not in batch:
+class GroupOrder:
+    """One-group batches in group order: a stored group is read when its turn comes, a streamed one waits only
+    until then; ``peak`` is how many waited at most (bounded by the pipeline's reordering, not by N)."""
+
+    def __init__(self, streamed: Iterable, store: str, stored: set[int], num_groups: int):
+        self.streamed, self.store, self.stored, self.num_groups = streamed, store, stored, num_groups
+        self.peak = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        waiting: dict[int, dict[str, np.ndarray]] = {}
+        source = iter(self.streamed)
+        for g in range(self.num_groups):
+            if g in self.stored:
+                yield load_group(self.store, g)
                 continue
-            values = batch[key][valid]
-            if key not in out:
-                out[key] = np.zeros((n,) + values.shape[1:], dtype=values.dtype)
-            out[key][idx] = values
-        out.setdefault("seen", np.zeros(n, dtype=bool))[idx] = True
-    progress.close()
-    if "seen" not in out or not out["seen"].all():
-        missing = np.flatnonzero(~out["seen"]) if "seen" in out else np.arange(n)
-        raise RuntimeError(f"{len(missing)} samples never came back from the workers (first: {missing[:5].tolist()})")
-    return out
+            while g not in waiting:
+                batch = next(source)
+                for r, group in enumerate(batch["group"].tolist()):
+                    waiting[group] = {k: v[r:r + 1] for k, v in batch.items()}
+                self.peak = max(self.peak, len(waiting))
+            yield waiting.pop(g)
+
+
+class SampleTally:
+    """What the driver keeps of N samples taken in index order: the float64 feature sums in
+    :meth:`FeatureStats.in_chunks`' chunks (the same bits as over the whole array), the Inception Score's split
+    sums, the count of each label, and only when asked (precision/recall, samples.npz) the features or images.
+    Its memory is one chunk of features, not N."""
+
+    def __init__(self, n: int, num_classes: int, keep_features: bool, keep_images: bool):
+        self.n, self.seen = n, 0
+        self.stats: FeatureStats | None = None
+        self.chunk: list[np.ndarray] = []
+        self.scores = SplitScores(n)
+        self.label_counts = np.zeros(num_classes, dtype=np.int64)
+        keep = (["pool"] if keep_features else []) + (["image", "label"] if keep_images else [])
+        self.kept: dict[str, list[np.ndarray]] = {k: [] for k in keep}
+        self.progress = Progress(n, "fid: sample + features", unit="img", bar=False)  # Ray Data shows its bars
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        valid = batch["index"] >= 0
+        idx = batch["index"][valid]
+        if not np.array_equal(idx, np.arange(self.seen, self.seen + len(idx))):
+            raise RuntimeError(f"samples arrived out of order: expected index {self.seen}, got {idx[:3].tolist()}")
+        self.seen += len(idx)
+        pool = batch["pool"][valid]
+        if self.stats is None:
+            self.stats = FeatureStats(pool.shape[1])
+        self.chunk.append(pool)
+        have = sum(len(c) for c in self.chunk)
+        while have >= FeatureStats.CHUNK or (have and self.seen == self.n):
+            rows = np.concatenate(self.chunk)
+            self.stats.merge(FeatureStats.of(rows[:FeatureStats.CHUNK]))
+            self.chunk = [rows[FeatureStats.CHUNK:]]
+            have = len(self.chunk[0])
+        if "logits" in batch:
+            self.scores.update(batch["logits"][valid])
+        self.label_counts += np.bincount(batch["label"][valid], minlength=len(self.label_counts))
+        for key, parts in self.kept.items():
+            parts.append(batch[key][valid])
+        self.progress.update(len(idx))
+
+    def result(self, key: str) -> np.ndarray:
+        return np.concatenate(self.kept[key])
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.seen != self.n:
+            raise RuntimeError(f"{self.n - self.seen} samples never came back from the workers (first: {self.seen})")
 
 
 def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch_size: int = 1, store: str = ""):
@@ -310,10 +358,10 @@ def run(cfg: FidConfig) -> dict:
     t_sample = time.perf_counter()
     # a rerun (or the resubmission after a lost node) samples only the groups whose features are not stored
     store = groups_store(cfg)
-    done = stored_groups(store)
-    todo = sorted(set(range(cfg.num_groups)) - set(done))
+    done = set(stored_groups(store))
+    todo = sorted(set(range(cfg.num_groups)) - done)
     log.info("fid: %d of %d groups already stored under %s; sampling %d", len(done), cfg.num_groups, store, len(todo))
-    batches = [load_group(store, g) for g in done]
+    streamed: Iterable = ()
     if todo:
         # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
         # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
@@ -322,17 +370,23 @@ def run(cfg: FidConfig) -> dict:
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
                             num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         ds = _extract_dataset(ds, cfg, use_gpu, keep_images=cfg.save_npz, store=store)
-        batches = itertools.chain(batches, ds.iter_batches(batch_size=None, batch_format="numpy"))
-    got = _gather(batches, cfg.num_samples)
+        streamed = ds.iter_batches(batch_size=None, batch_format="numpy")
+    tally = SampleTally(cfg.num_samples, cfg.num_classes, keep_features=cfg.precision_recall and "features" in ref,
+                        keep_images=cfg.save_npz)
+    in_order = GroupOrder(streamed, store, done, cfg.num_groups)
+    for batch in in_order:
+        tally.add(batch)
+    tally.close()
     sample_seconds = time.perf_counter() - t_sample
     sampled = sum(len(group_indices(g, cfg.group_size, cfg.num_samples)) for g in todo)
 
-    stats = FeatureStats.in_chunks(got["pool"])
+    stats = tally.stats
     result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
-    if cfg.inception_score and "logits" in got:
-        result["inception_score"], result["inception_score_std"] = inception_score(got["logits"], splits=10)
-    if cfg.precision_recall and "features" in ref:
-        result["precision"], result["recall"] = precision_recall(ref["features"], got["pool"], k=3)
+    if cfg.inception_score and tally.scores.seen:
+        result["inception_score"], result["inception_score_std"] = tally.scores.score()
+    if "pool" in tally.kept:
+        result["precision"], result["recall"] = precision_recall(ref["features"], tally.result("pool"), k=3)
+    counts = tally.label_counts[tally.label_counts > 0]
     result.update({
         "num_samples": cfg.num_samples, "num_classes": cfg.num_classes, "samples_per_class": cfg.samples_per_class,
         **{f"sampling.{k}": v for k, v in to_dict(cfg.sampling).items()}, "seed": cfg.seed,
@@ -340,14 +394,15 @@ def run(cfg: FidConfig) -> dict:
         "feature_fallback_reason": fallback_reason,
         "reference": cfg.reference.npz or cfg.reference.images, "prior": cfg.models.prior_url,
         "device": device, "sampler_actors": num_samplers,
-        "groups_resumed": len(done), "groups_sampled": len(todo),
+        "groups_resumed": len(done), "groups_sampled": len(todo), "reorder_peak_groups": in_order.peak,
+        "labels": {"classes": len(counts), "min_per_class": int(counts.min()), "max_per_class": int(counts.max())},
         "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(sampled / sample_seconds, 2),
         "reference_seconds": round(ref_seconds, 2),
         "output": storage.join(cfg.output, "fid.json"),
         "sample_stats_sha": stats.digest,
     })
     if cfg.save_npz:
-        write_sample_npz(storage.join(cfg.output, "samples.npz"), got["image"], got["label"])
+        write_sample_npz(storage.join(cfg.output, "samples.npz"), tally.result("image"), tally.result("label"))
         result["npz"] = storage.join(cfg.output, "samples.npz")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     storage.write_json(result["output"], result)
