@@ -574,6 +574,9 @@ VAR_PRESETS: dict[str, VARConfig] = {
     "small": VARConfig(depth=2, embed_dim=128, num_heads=2, drop_path_rate=0.0, init_adaln_gamma=1e-3),
     "demo": VARConfig(depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512, latent_channels=16,
                       patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0, init_adaln_gamma=1e-3),
+    # the scale rehearsal (docs/scaling.md): 1,000 classes on the codes of VQVAE preset "rehearsal" (V=256, Cv=8, L=30)
+    "rehearsal": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=1000, vocab_size=256, latent_channels=8,
+                           patch_nums=(1, 2, 3, 4), drop_path_rate=0.0, init_adaln_gamma=1e-3),
     # M-VAR (docs/var.md §5): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
     # attn_l2_norm (official README). d32 is the paper's "3.0 B" model: 3.66 B by the code's size rule.
     "mvar_d12": VARConfig(arch="mvar", depth=12, init_adaln_gamma=1e-3),

@@ -497,6 +497,11 @@ VQVAE_PRESETS: dict[str, VQVAEConfig] = {
     # InstanceNorm that strips per-image colour statistics) learn fastest per CPU second; 0.77 M parameters
     "demo": VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                         patch_nums=(1, 2, 3, 4, 6, 8), image_size=32, using_sa=False, norm_groups=8),
+    # the scale rehearsal (docs/scaling.md): 16 px, 4 scales, L=30, V=256, 52 k parameters (18 k in the encoder),
+    # so that the pipeline's own costs (listing, shards, manifest, loader, resume) show when 1.28 M images are
+    # encoded on 2 CPU cores
+    "rehearsal": VQVAEConfig(vocab_size=256, z_channels=8, ch=8, ch_mult=(1, 1, 2), num_res_blocks=1,
+                             patch_nums=(1, 2, 3, 4), image_size=16, using_sa=False, using_mid_sa=False, norm_groups=4),
 }
 
 
