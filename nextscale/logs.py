@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from nextscale import storage
@@ -144,3 +145,8 @@ class Trackers:
     def finish(self) -> None:
         for run in self.runs:
             run.finish()
+
+
+def write_metrics(output: str, history: Sequence[dict]) -> None:
+    """``{output}/metrics.jsonl``: one JSON row per logged window of a training loop, rewritten whole."""
+    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(storage.json_text(row) + "\n" for row in history))

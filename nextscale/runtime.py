@@ -5,6 +5,10 @@ Training loops (``nextscale.prior.engine``, ``nextscale.tokenize.train``) see on
 ``checkpoints()``; what goes into a checkpoint and which one to resume from is decided by
 ``nextscale.checkpoint``. :class:`LocalContext` runs a loop in this process and keeps checkpoints
 under the run's output URL; ``nextscale.pipelines.train`` provides the Ray Train implementation.
+
+Pictures of a run (curves, sample grids, reconstruction strips) sample and decode with the models, code
+that sits above the loops (``nextscale.eval.plots``): the driver hands a loop a factory that makes its
+:class:`Pictures` from the loop's trainer object; :func:`no_pictures` draws nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -83,3 +87,30 @@ class LocalContext:
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+
+class Pictures(Protocol):
+    def __call__(self, step: int) -> float:
+        """Draw what is due after ``step``; the seconds it took (left out of the throughput)."""
+
+    def curves(self, history: Sequence[dict]) -> None:
+        """Draw the metric rows so far (rank 0, at each checkpoint and at the end)."""
+
+    def where(self) -> dict[str, str | None]:
+        """Where the pictures are (None for those not drawn), for the run's summary."""
+
+
+class _NoPictures:
+    def __call__(self, step: int) -> float:
+        return 0.0
+
+    def curves(self, history: Sequence[dict]) -> None:
+        pass
+
+    def where(self) -> dict[str, str | None]:
+        return {}
+
+
+def no_pictures(trainer: Any) -> Pictures:
+    """The picture factory of a run that draws nothing."""
+    return _NoPictures()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nextscale.prior.model import build_var
-from nextscale.prior.optim import Schedule, build_optimizer, lr_at, param_groups, wd_at
+from nextscale.prior.optim import build_optimizer, param_groups
+from nextscale.schedule import Schedule, lr_at, wd_at
 
 # d16 recipe: global batch 768, 200 epochs of ceil(1,281,167 / 768) = 1,669 steps, warm-up ep/50 = 4 epochs
 D16 = dict(peak_lr=1e-4 * 768 / 256, warmup_steps=4 * 1669, total_steps=200 * 1669, start_ratio=0.005,

@@ -82,7 +82,7 @@ def _prior_cfg(codes: str, out: Path, *extra: str) -> PriorTrainConfig:
 
 def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(codes, tmp_path):
     cfg = _prior_cfg(codes, tmp_path / "a", "sample_every=2")
-    summary = train_prior(cfg, LocalContext(cfg.output))
+    summary = train_prior(cfg, LocalContext(cfg.output), plots.prior_pictures)
     out = tmp_path / "a"
     assert summary["pictures"] == {"curves": str(out / "curves.png"), "samples": str(out / "samples")}
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
@@ -97,7 +97,7 @@ def test_prior_training_writes_sample_grids_and_curves_without_changing_the_run(
 
     # sampling between steps touches no training random numbers: the weights equal a run without pictures
     plain = _prior_cfg(codes, tmp_path / "b", "sample_every=0")
-    assert train_prior(plain, LocalContext(plain.output))["pictures"]["samples"] is None
+    assert train_prior(plain, LocalContext(plain.output), plots.prior_pictures)["pictures"]["samples"] is None
     a = torch.load(out / "prior.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "prior.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -136,7 +136,7 @@ def test_tokenizer_training_writes_reconstruction_strips_and_curves(tmp_path):
         "model.overrides.vocab_size=32", "model.overrides.z_channels=8", "model.overrides.using_sa=false",
         "optim.steps=4", "optim.warmup=1", "optim.lr=3e-3", "ema_decay=0", "log_every=1", "ckpt_every=2",
         "sample_every=2", f"output={tmp_path / 'run'}"])
-    summary = train_tokenizer(cfg, LocalContext(cfg.output))
+    summary = train_tokenizer(cfg, LocalContext(cfg.output), plots.tokenizer_pictures)
     out = tmp_path / "run"
     assert summary["pictures"]["reconstructions"] == str(out / "reconstructions")
     first, last = (_png(out / "reconstructions" / f"step-0000000{s}.png") for s in (2, 4))

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nextscale import storage
+from nextscale import checkpoint, storage
 from nextscale.eval.config import SamplingConfig
+from nextscale.tokenize.data import ImageFolderDataset
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,15 @@ def step_picture_url(output: str, folder: str, step: int) -> str:
 
 
 class TrainingPictures:
-    """Calls ``draw(step) -> uint8 (H, W, 3)`` every ``every`` steps; writes ``{output}/{folder}/step-XXXXXXXX.png``
-    and logs it to ``trackers`` (wandb, TensorBoard). ``every`` = 0 turns it off (and is what other ranks than 0 get)."""
+    """The :class:`~nextscale.runtime.Pictures` of a training run: calls ``draw(step) -> uint8 (H, W, 3)`` every
+    ``every`` steps, writes ``{output}/{folder}/step-XXXXXXXX.png`` and logs it to ``trackers`` (wandb,
+    TensorBoard); draws the metric rows into ``{output}/curves.png`` as ``panels``. ``every`` = 0 draws no
+    pictures (what other ranks than 0 get)."""
 
     def __init__(self, output: str, folder: str, every: int, draw: Callable[[int], np.ndarray], trackers=None,
-                 caption: str = ""):
+                 caption: str = "", panels: Sequence[Panel] = ()):
         self.output, self.folder, self.every = output, folder, every
-        self.draw, self.trackers, self.caption = draw, trackers, caption
+        self.draw, self.trackers, self.caption, self.panels = draw, trackers, caption, panels
         self.latest: str | None = None
 
     def __call__(self, step: int) -> float:
@@ -181,9 +184,37 @@ class TrainingPictures:
         log.info("step %d: wrote %s (%.1f s)", step, self.latest, seconds)
         return seconds
 
-    @property
-    def where(self) -> str:
-        return storage.join(self.output, self.folder)
+    def curves(self, history: Sequence[dict]) -> None:
+        write_curves(storage.join(self.output, "curves.png"), history, self.panels)
+
+    def where(self) -> dict[str, str | None]:
+        return {"curves": storage.join(self.output, "curves.png"),
+                self.folder: storage.join(self.output, self.folder) if self.every else None}
+
+
+def prior_pictures(trainer) -> TrainingPictures:
+    """The pictures of a prior run (a ``nextscale.prior.engine.PriorTrainer``): curves and sample grids of fixed
+    classes and seeds, drawn on rank 0 alone (not possible on a sharded model, whose forward needs every rank)."""
+    cfg, model = trainer.cfg, trainer.model
+    every = cfg.sample_every if trainer.ctx.rank == 0 and not checkpoint.is_sharded(model) else 0
+    classes = grid_classes(trainer.var_cfg.num_classes)
+    return TrainingPictures(cfg.output, "samples", every,
+                            lambda _: prior_sample_grid(model, trainer.decoder, classes, seed=cfg.seed),
+                            trainer.trackers, caption="fixed classes and seeds", panels=PRIOR_CURVES)
+
+
+def tokenizer_pictures(trainer) -> TrainingPictures:
+    """The pictures of a tokenizer run (a ``nextscale.tokenize.train.TokenizerTrainer``): curves and reconstruction
+    strips of the same few held-out images (training images when there are none), center-cropped, on rank 0."""
+    cfg = trainer.cfg
+    every = cfg.sample_every if trainer.ctx.rank == 0 else 0
+    items = trainer.val_items or trainer.train_items
+    strip_items = items[:: max(1, len(items) // STRIP_IMAGES)][:STRIP_IMAGES]
+    strip_img = torch.stack(list(ImageFolderDataset(strip_items, trainer.vq_cfg.image_size, train=False))).to(
+        trainer.device) if every else None
+    return TrainingPictures(cfg.output, "reconstructions", every,
+                            lambda _: reconstruction_strip(trainer.exported, strip_img), trainer.trackers,
+                            caption="original, then decoded from the first 1, 2, ... scales", panels=TOKENIZER_CURVES)
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -1,7 +1,7 @@
 """Ray Train (V2) launcher shared by the tokenizer and the prior trainings.
 
-The training loops are plain PyTorch functions of ``(cfg, ctx)``; here they run in a ``TorchTrainer``
-whose workers see a :class:`RayTrainContext`. The run's name is derived from the output URL and its
+The training loops are plain PyTorch functions of ``(cfg, ctx, pictures)``; here they run in a ``TorchTrainer``
+whose workers see a :class:`RayTrainContext`, and draw the pictures of ``nextscale.eval.plots``. The run's name is derived from the output URL and its
 storage lives under ``{output}/ray``, so rerunning the same command resumes from the latest
 checkpoint (and a finished run trains nothing); ``FailureConfig(workers.max_failures)`` restarts the worker
 group from the latest checkpoint when a worker dies. ``workers.count=0`` (prior only) runs the loop in
@@ -27,6 +27,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 
 from nextscale import storage
 from nextscale.checkpoint import run_id
+from nextscale.eval.plots import prior_pictures, tokenizer_pictures
 from nextscale.logs import setup_logging
 from nextscale.pipelines.common import dashboard_url, init_ray
 from nextscale.prior.config import PriorTrainConfig
@@ -100,9 +101,9 @@ def _worker(config: dict[str, Any]) -> None:
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.pathname.startswith(ray_dir))
     storage.configure(cfg.storage)
     if kind == "prior":
-        train_prior(cfg, ctx)
+        train_prior(cfg, ctx, prior_pictures)
     else:
-        train_tokenizer(cfg, ctx)
+        train_tokenizer(cfg, ctx, tokenizer_pictures)
 
 
 def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.Result:
@@ -147,7 +148,7 @@ def run_prior(cfg: PriorTrainConfig) -> dict:
     if cfg.workers.count == 0:
         device = "cuda" if cfg.workers.use_gpu and torch.cuda.is_available() else "cpu"
         ctx = LocalContext(cfg.output, device=device, num_to_keep=cfg.keep_checkpoints)
-        summary = train_prior(cfg, ctx)
+        summary = train_prior(cfg, ctx, prior_pictures)
     else:
         result = fit("prior", cfg)
         summary = json.loads(storage.read_text(storage.join(cfg.output, "train_summary.json")))

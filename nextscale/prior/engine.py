@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,14 +29,15 @@ from nextscale import checkpoint, progress, storage
 from nextscale.codes import Manifest
 from nextscale.config import dump_yaml, to_dict
 from nextscale.devices import peak_flops
-from nextscale.eval import plots
-from nextscale.logs import Trackers
+from nextscale.logs import Trackers, write_metrics
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
+from nextscale.prior.data import CodeLoader
 from nextscale.prior.loss import head_cross_entropy
-from nextscale.prior.model import VAR, VARConfig, build_var, flops_per_image, num_params
-from nextscale.prior.optim import Schedule, build_optimizer
+from nextscale.prior.model import VARConfig, build_var, flops_per_image, num_params
+from nextscale.prior.optim import build_optimizer
 from nextscale.prior.prefetch import DevicePrefetcher
-from nextscale.runtime import TrainContext
+from nextscale.runtime import Pictures, TrainContext, no_pictures
+from nextscale.schedule import Schedule
 from nextscale.tokenize.convert import load_tokenizer, weights_sha256
 from nextscale.tokenize.scales import scale_slices, split_codes
 from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig
@@ -115,9 +116,7 @@ class Batches:
         self.loader = self._make(self.epoch)
         self._it: Iterator | None = None
 
-    def _make(self, epoch: int):
-        from nextscale.prior.data import CodeLoader
-
+    def _make(self, epoch: int) -> CodeLoader:
         d = self.cfg.data
         return CodeLoader(d.url, batch_size=d.batch_size // self.world_size, rank=self.rank,
                           world_size=self.world_size, num_workers=d.loader_processes, seed=d.seed,
@@ -169,7 +168,7 @@ def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: to
                         enabled=amp_dtype is not None):
         if loss_chunk > 0:
             h_BlC = net(label_B, x_BlCv, head=False)
-            loss, pred_N = head_cross_entropy(_unwrap(net).head, h_BlC.reshape(-1, h_BlC.shape[-1]),
+            loss, pred_N = head_cross_entropy(checkpoint.unwrap_model(net).head, h_BlC.reshape(-1, h_BlC.shape[-1]),
                                               target_Bl.reshape(-1), chunk=loss_chunk,
                                               label_smoothing=label_smoothing)
             return loss, pred_N.view(target_Bl.shape)
@@ -179,36 +178,202 @@ def step_loss(net: torch.nn.Module, quantizer: MultiScaleQuantizer, codes_BL: to
     return loss, logits_BlV.detach().argmax(-1)
 
 
-def _unwrap(net: torch.nn.Module) -> VAR:
-    """The VAR inside DDP / torch.compile wrappers."""
-    while not isinstance(net, VAR):
-        net = getattr(net, "_orig_mod", None) or net.module
-    return net
-
-
 # ------------------------------------------------------------------------------------------------
-# The loop
+# The run: setup, one step, the end of a logging window, export
 
 
-def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
-    """Train (or resume) the prior described by ``cfg``; returns a JSON-able summary (rank 0's is complete)."""
-    t_start = time.time()
-    device, rank, world = ctx.device, ctx.rank, ctx.world_size
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
+class PriorTrainer:
+    """One run of prior training, kept apart as the official ``VARTrainer`` keeps ``train_step`` apart from the
+    epoch loop: ``__init__`` sets everything up (codes, quantizer, model, optimizer, schedule, resumed state),
+    :meth:`train_step` runs one optimizer step, :meth:`end_window` logs, reports and checkpoints, :meth:`export`
+    writes ``prior.pt`` and the summary."""
 
-    manifest = Manifest.read(cfg.data.url)
-    quantizer, vq_cfg, tokenizer = load_quantizer(cfg, manifest, device)
-    manifest.check(vq_cfg)
-    var_cfg = resolve_var_config(cfg, vq_cfg, manifest)
-    patch_nums = tuple(var_cfg.patch_nums)
+    def __init__(self, cfg: PriorTrainConfig, ctx: TrainContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.wall_start = time.time()
+        device = self.device = ctx.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
+            if device.type == "cuda" else None
 
-    global_batch = cfg.data.batch_size
-    steps_per_epoch = max(1, manifest.num_samples // global_batch)  # the loader drops partial batches
-    total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
+        self.manifest = Manifest.read(cfg.data.url)
+        self.quantizer, vq_cfg, tokenizer = load_quantizer(cfg, self.manifest, device)
+        self.manifest.check(vq_cfg)
+        self.var_cfg = resolve_var_config(cfg, vq_cfg, self.manifest)
+        self.patch_nums = tuple(self.var_cfg.patch_nums)
+        self.steps_per_epoch = max(1, self.manifest.num_samples // cfg.data.batch_size)  # partial batches dropped
+        self.total_steps = cfg.steps or max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.schedule = schedule_of(cfg, self.steps_per_epoch, self.total_steps)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_var(self.var_cfg).to(device).train()
+        self.net = ctx.wrap_model(self.model)
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, lr=self.schedule.peak_lr, betas=o.betas, eps=o.eps, fused=o.fused)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000,
+                                           enabled=self.amp_dtype is torch.float16)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # condition dropout / drop path differ per rank
+        self.state = checkpoint.TrainState(
+            model=self.model, optimizer=self.optimizer, components={"scaler": self.scaler},
+            per_rank={"batches": Batches(cfg, ctx.rank, ctx.world_size)}, extra={"history": []},
+            info={"var_config": to_dict(self.var_cfg), "config": to_dict(cfg), "tokenizer": tokenizer})
+        if checkpoint.restore(ctx, self.state, check=lambda saved, where: _check_same_family(saved, self.var_cfg, cfg,
+                                                                                              where)):
+            log.info("resumed prior training at step %d of %d", self.state.step, self.total_steps)
+        # from here on the prefetcher hands out the batches and its position (the last batch handed out) is saved
+        self.batches = self.state.per_rank["batches"] = DevicePrefetcher(self.state.per_rank["batches"], device,
+                                                                         enabled=cfg.prefetch)
+        self.start_step, self.train_s = self.state.step, 0.0
+        self.flops = flops_per_image(self.var_cfg)
+        self.peak = peak_flops(device, cfg.precision)
+        self.trackers = Trackers(cfg, run_id=checkpoint.run_id("prior", cfg.output), rank=ctx.rank,
+                                 start_step=self.step)
+        if ctx.rank == 0:
+            storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
+        self.window = Window(torch.zeros((), device=device))
+        self.t_loop = self.window.start  # ETA from wall time: checkpoints and sample grids included
+        log.info("VAR %s: %.1f M parameters, %.1f GFLOP per image (fwd+bwd), L=%d; %d steps of %d images on %d "
+                 "worker(s) from step %d; peak lr %.2e, warm-up %d steps", cfg.model.preset,
+                 num_params(self.var_cfg) / 1e6, self.flops / 1e9, self.var_cfg.num_tokens, self.total_steps,
+                 cfg.data.batch_size, ctx.world_size, self.step, self.schedule.peak_lr, self.schedule.warmup_steps)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.extra["history"]
+
+    @functools.cached_property
+    def decoder(self) -> VQVAE:
+        """The tokenizer of the codes on this rank's device, loaded on first use (for pictures)."""
+        return load_codes_tokenizer(self.cfg, self.manifest)[0].to(self.device).eval()
+
+    def train_step(self, codes_BL: torch.Tensor, label_B: torch.Tensor) -> None:
+        """One optimizer step on a batch; the window keeps what its metrics need."""
+        cfg, o, w = self.cfg, self.cfg.optim, self.window
+        w.scales = active_scales(self.step, self.total_steps, len(self.patch_nums), cfg.progressive.fraction,
+                                 cfg.progressive.start_scales)
+        w.lr, w.wd = self.schedule.apply(self.optimizer, self.step)
+        loss, w.pred_Bl = step_loss(self.net, self.quantizer, codes_BL, label_B, self.patch_nums, w.scales,
+                                    self.amp_dtype, o.label_smoothing, cfg.loss_chunk)
+        w.codes_BL = codes_BL
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        w.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() > 32768.0:
+            self.scaler.update(32768.0)  # the official cap of the fp16 loss scale
+        self.state.step += 1
+        w.loss_sum += loss.detach()
+        w.steps += 1
+
+    def window_ends(self) -> tuple[bool, bool]:
+        """(a log line is due, a checkpoint is due) after the step just taken."""
+        is_ckpt = self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps
+        return is_ckpt or self.step % self.cfg.log_every == 0, is_ckpt
+
+    def end_window(self, is_ckpt: bool, pictures: Pictures) -> None:
+        """Metrics of the window (averaged over ranks), its log line, then a checkpoint or a report."""
+        cfg, w, world = self.cfg, self.window, self.ctx.world_size
+        metrics = _window_metrics(w.loss_sum, w.steps, w.pred_Bl, w.codes_BL, self.patch_nums, w.scales, world)
+        dt = time.perf_counter() - w.start
+        self.train_s += dt
+        img_s = w.steps * cfg.data.batch_size / max(dt, 1e-9)
+        metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch, lr=w.lr, wd=w.wd,
+                       grad_norm=float(w.grad_norm), scales=w.scales, img_per_s=img_s,
+                       tokens_per_s=img_s * self.var_cfg.num_tokens,
+                       mfu=self.flops * img_s / (self.peak * world) if self.peak else float("nan"))
+        self.history.append(metrics)
+        log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s %s %s", self.step,
+                 self.total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], w.lr,
+                 metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if self.peak else "",
+                 progress.eta(self.step - self.start_step, self.total_steps - self.start_step,
+                              time.perf_counter() - self.t_loop), progress.peak_memory(self.device))
+        self.trackers.log(metrics, step=self.step)
+        if is_ckpt:
+            if self.ctx.rank == 0:
+                write_metrics(cfg.output, self.history)
+                pictures.curves(self.history)
+            checkpoint.save(self.ctx, self.state, metrics)
+        else:
+            self.ctx.report(metrics)
+        self.window = Window(w.loss_sum.zero_())
+
+    def export(self, pictures: Pictures) -> dict:
+        """``prior.pt``, metrics, curves and ``train_summary.json`` (rank 0); the run's summary."""
+        cfg, history, step = self.cfg, self.history, self.step
+        trained = step - self.start_step
+        img_s = trained * cfg.data.batch_size / self.train_s if trained and self.train_s > 0 else float("nan")
+        last = history[-1] if history else {}
+        summary = {
+            "steps": step, "steps_trained": trained, "final_loss": last.get("loss", float("nan")),
+            "final_acc_last": last.get("acc_last", float("nan")),
+            "img_per_s": img_s, "tokens_per_s": img_s * self.var_cfg.num_tokens,
+            "mfu": last.get("mfu", float("nan")), "tokenizer": self.state.info["tokenizer"]["source"],
+            "num_params": num_params(self.var_cfg), "gflops_per_image": self.flops / 1e9,
+            "workers": self.ctx.world_size, "minutes": (time.time() - self.wall_start) / 60, "output": cfg.output,
+            "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
+            "pictures": pictures.where(),
+        }
+        state_dict = checkpoint.full_model_state(self.model)  # every rank: a collective under FSDP
+        if self.ctx.rank == 0:
+            save_prior(summary["prior_url"], self.var_cfg, state_dict, tokenizer=self.state.info["tokenizer"],
+                       step=step)
+            write_metrics(cfg.output, history)
+            pictures.curves(history)
+            storage.write_json(storage.join(cfg.output, "train_summary.json"), summary)
+            log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
+                     "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s,
+                     summary["final_loss"], summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])
+        self.trackers.finish()
+        return summary
+
+
+@dataclasses.dataclass
+class Window:
+    """The steps since the last log line: their summed loss and what the last one left for the metrics."""
+
+    loss_sum: torch.Tensor
+    steps: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    scales: int = 0
+    lr: float = 0.0
+    wd: float = 0.0
+    grad_norm: torch.Tensor | float = 0.0
+    pred_Bl: torch.Tensor | None = None
+    codes_BL: torch.Tensor | None = None
+
+
+def train_prior(cfg: PriorTrainConfig, ctx: TrainContext,
+                pictures: Callable[[PriorTrainer], Pictures] = no_pictures) -> dict:
+    """Train (or resume) the prior described by ``cfg``; returns a JSON-able summary (rank 0's is complete).
+
+    ``pictures`` (given by the driver: ``nextscale.eval.plots.prior_pictures``) draws the curves at each
+    checkpoint and the sample grids; by default nothing is drawn.
+    """
+    trainer = PriorTrainer(cfg, ctx)
+    drawn = pictures(trainer)
+    while trainer.step < trainer.total_steps:
+        trainer.train_step(*next(trainer.batches))
+        log_due, is_ckpt = trainer.window_ends()
+        if log_due:
+            trainer.end_window(is_ckpt, drawn)
+        trainer.window.start += drawn(trainer.step)  # sampling time is left out of the throughput
+    return trainer.export(drawn)
+
+
+def schedule_of(cfg: PriorTrainConfig, steps_per_epoch: int, total_steps: int) -> Schedule:
+    """The run's lr / wd schedule: warm-up in steps, else epochs, else the official 1/50 of the run."""
     o = cfg.optim
     if o.warmup_steps >= 0:
         warmup = o.warmup_steps
@@ -216,103 +381,9 @@ def train_prior(cfg: PriorTrainConfig, ctx: TrainContext) -> dict:
         warmup = round(o.warmup_epochs * steps_per_epoch)
     else:
         warmup = round(total_steps / 50)
-    schedule = Schedule(peak_lr=o.peak_lr(global_batch), warmup_steps=min(warmup, total_steps), total_steps=total_steps,
-                        start_ratio=o.warmup_start_ratio, final_ratio=o.final_lr_ratio, kind=o.schedule,
-                        wd=o.weight_decay, wd_end=o.wd_end)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_var(var_cfg).to(device).train()
-    net = ctx.wrap_model(model)
-    optimizer = build_optimizer(model, lr=schedule.peak_lr, betas=o.betas, eps=o.eps, fused=o.fused)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**11, growth_interval=1000,
-                                  enabled=amp_dtype is torch.float16)
-    if cfg.compile:
-        net = torch.compile(net)
-
-    torch.manual_seed(cfg.seed + 1 + rank)  # condition dropout / drop path differ per rank
-    state = checkpoint.TrainState(
-        model=model, optimizer=optimizer, components={"scaler": scaler},
-        per_rank={"batches": Batches(cfg, rank, world)},
-        extra={"history": []}, info={"var_config": to_dict(var_cfg), "config": to_dict(cfg), "tokenizer": tokenizer})
-    if checkpoint.restore(ctx, state, check=lambda saved, where: _check_same_family(saved, var_cfg, cfg, where)):
-        log.info("resumed prior training at step %d of %d", state.step, total_steps)
-    # from here on the prefetcher hands out the batches and its position (the last batch handed out) is saved
-    batches = state.per_rank["batches"] = DevicePrefetcher(state.per_rank["batches"], device, enabled=cfg.prefetch)
-    history, step = state.extra["history"], state.step
-    clock = Clock(start_step=step, wall_start=t_start)
-
-    if rank == 0:
-        storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
-    n_params = num_params(var_cfg)
-    flops = flops_per_image(var_cfg)
-    peak = peak_flops(device, cfg.precision)
-    trackers = Trackers(cfg, run_id=checkpoint.run_id("prior", cfg.output), rank=rank, start_step=step)
-    # rank 0 samples on its own: impossible on a sharded (FSDP) model, whose forward needs every rank
-    decoder = functools.cache(lambda: load_codes_tokenizer(cfg, manifest)[0].to(device).eval())
-    samples = plots.TrainingPictures(
-        cfg.output, "samples", cfg.sample_every if rank == 0 and not checkpoint.is_sharded(model) else 0,
-        lambda _: plots.prior_sample_grid(model, decoder(), plots.grid_classes(var_cfg.num_classes), seed=cfg.seed),
-        trackers, caption="fixed classes and seeds")
-    log.info("VAR %s: %.1f M parameters, %.1f GFLOP per image (fwd+bwd), L=%d; %d steps of %d images on %d "
-             "worker(s) from step %d; peak lr %.2e, warm-up %d steps", cfg.model.preset, n_params / 1e6, flops / 1e9,
-             var_cfg.num_tokens, total_steps, global_batch, world, step, schedule.peak_lr, schedule.warmup_steps)
-
-    loss_sum = torch.zeros((), device=device)
-    n_window, t_window, metrics = 0, time.perf_counter(), {}
-    t_loop = t_window  # ETA from wall time: checkpoints and sample grids included
-    grad_norm = torch.zeros((), device=device)
-    while step < total_steps:
-        codes_BL, label_B = next(batches)
-        scales = active_scales(step, total_steps, len(patch_nums), cfg.progressive.fraction,
-                               cfg.progressive.start_scales)
-        lr, wd = schedule.apply(optimizer, step)
-        loss, pred_Bl = step_loss(net, quantizer, codes_BL, label_B, patch_nums, scales, amp_dtype,
-                                  o.label_smoothing, cfg.loss_chunk)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.is_enabled() and scaler.get_scale() > 32768.0:
-            scaler.update(32768.0)  # the official cap of the fp16 loss scale
-        step += 1
-        loss_sum += loss.detach()
-        n_window += 1
-
-        is_ckpt = step % cfg.ckpt_every == 0 or step == total_steps
-        if step % cfg.log_every == 0 or is_ckpt:
-            metrics = _window_metrics(loss_sum, n_window, pred_Bl, codes_BL, patch_nums, scales, world)
-            dt = time.perf_counter() - t_window
-            clock.train_s += dt
-            img_s = n_window * global_batch / max(dt, 1e-9)
-            metrics.update(step=step, epoch=step / steps_per_epoch,
-                           lr=lr, wd=wd, grad_norm=float(grad_norm), scales=scales, img_per_s=img_s,
-                           tokens_per_s=img_s * var_cfg.num_tokens,
-                           mfu=flops * img_s / (peak * world) if peak else float("nan"))
-            history.append(metrics)
-            log.info("step %d/%d loss %.4f acc first/last %.3f/%.3f lr %.2e grad %.2f %.0f img/s%s %s %s", step,
-                     total_steps, metrics["loss"], metrics["acc_first"], metrics["acc_last"], lr,
-                     metrics["grad_norm"], img_s, f" MFU {100 * metrics['mfu']:.1f} %" if peak else "",
-                     progress.eta(step - clock.start_step, total_steps - clock.start_step, time.perf_counter() - t_loop), progress.peak_memory(device))
-            trackers.log(metrics, step=step)
-            loss_sum.zero_()
-            n_window = 0
-            if is_ckpt:
-                state.step = step
-                if rank == 0:
-                    _write_metrics(cfg.output, history)
-                checkpoint.save(ctx, state, metrics)
-            else:
-                ctx.report(metrics)
-            t_window = time.perf_counter()
-        t_window += samples(step)  # sampling time is left out of the throughput
-
-    pictures = {"curves": storage.join(cfg.output, "curves.png"), "samples": samples.where if samples.every else None}
-    state.step = step
-    summary = _finish(cfg, ctx, state, var_cfg, clock, pictures)
-    trackers.finish()
-    return summary
+    return Schedule(peak_lr=o.peak_lr(cfg.data.batch_size), warmup_steps=min(warmup, total_steps),
+                    total_steps=total_steps, start_ratio=o.warmup_start_ratio, final_ratio=o.final_lr_ratio,
+                    kind=o.schedule, wd=o.weight_decay, wd_end=o.wd_end)
 
 
 def _check_same_family(state: dict, var_cfg: VARConfig, cfg: PriorTrainConfig, restore_dir: str) -> None:
@@ -343,51 +414,8 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes
     return {"loss": loss, "acc_first": a0, "acc_last": a1}
 
 
-def _write_metrics(output: str, history: list[dict]) -> None:
-    storage.write_text(storage.join(output, "metrics.jsonl"), "".join(storage.json_text(row) + "\n" for row in history))
-    plots.write_curves(storage.join(output, "curves.png"), history, plots.PRIOR_CURVES)
-
-
 def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> None:
     """``{"config": VARConfig as a dict, "state_dict": ...}`` (+ extra keys) written atomically to ``url``."""
     buf = io.BytesIO()
     torch.save({"config": to_dict(var_cfg), "state_dict": state_dict, **extra}, buf)
     storage.write_bytes(url, buf.getvalue())
-
-
-@dataclasses.dataclass
-class Clock:
-    """Where this run started (step, wall time) and the seconds spent in training steps since."""
-
-    start_step: int
-    wall_start: float
-    train_s: float = 0.0
-
-
-def _finish(cfg: PriorTrainConfig, ctx: TrainContext, state: checkpoint.TrainState, var_cfg: VARConfig,
-            clock: Clock, pictures: dict) -> dict:
-    history, step, tokenizer = state.extra["history"], state.step, state.info["tokenizer"]
-    trained = step - clock.start_step
-    img_s = trained * cfg.data.batch_size / clock.train_s if trained and clock.train_s > 0 else float("nan")
-    summary = {
-        "steps": step, "steps_trained": trained, "final_loss": history[-1]["loss"] if history else float("nan"),
-        "final_acc_last": history[-1]["acc_last"] if history else float("nan"),
-        "img_per_s": img_s, "tokens_per_s": img_s * var_cfg.num_tokens,
-        "mfu": history[-1].get("mfu", float("nan")) if history else float("nan"),
-        "tokenizer": tokenizer["source"], "num_params": num_params(var_cfg),
-        "gflops_per_image": flops_per_image(var_cfg) / 1e9, "workers": ctx.world_size,
-        "minutes": (time.time() - clock.wall_start) / 60, "output": cfg.output,
-        "prior_url": storage.join(cfg.output, "prior.pt"), "metrics_url": storage.join(cfg.output, "metrics.jsonl"),
-        "pictures": pictures,
-    }
-    state_dict = checkpoint.full_model_state(state.model)  # every rank: a collective under FSDP
-    if ctx.rank == 0:
-        save_prior(summary["prior_url"], var_cfg, state_dict, tokenizer=tokenizer, step=step)
-        _write_metrics(cfg.output, history)
-        storage.write_json(storage.join(cfg.output, "train_summary.json"), summary)
-        log.info("prior trained: %d steps (%d in this run) in %.1f min, %.1f img/s, final loss %.4f, last-scale "
-                 "accuracy %.3f; wrote %s and %s", step, trained, summary["minutes"], img_s, summary["final_loss"],
-                 summary["final_acc_last"], summary["prior_url"], summary["metrics_url"])
-        log.info("pictures: loss / accuracy / lr / grad-norm curves in %s, sample grids in %s", pictures["curves"],
-                 pictures["samples"] or "(none: sample_every=0)")
-    return summary
