@@ -17,7 +17,7 @@ export WANDB_DIR ?= $(CURDIR)/runs/wandb
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: docs install test demo demo-data tokenize train-tokenizer train-prior sample fid bench lint clean \
-        gpu-check gpu-check-prepare \
+        gpu-check gpu-check-prepare rehearse-scale \
         submit-tokenize submit-train-prior submit-fid
 
 install: $(STAMP)
@@ -79,6 +79,13 @@ gpu-check-prepare: $(STAMP)
 	test -d .whl || ../shared/tools/gpu-wheels .whl
 	test -d .gpu-check/imagenet256 || $(BIN)/python scripts/gpu_check.py --prepare-images \
 		../shared/data/imagenet-sample .gpu-check/imagenet256 --num-images 128
+
+# every stage at fractions of ImageNet's counts on this machine, measured into $(OUT)/rehearsal.json and log-log
+# pictures (docs/scaling.md); OUT holds the synthetic data (~10 GB at SIZES=1): keep it outside the repository
+SIZES ?= 0.01,0.1,1
+OUT ?= ../rehearsal
+rehearse-scale: $(DEV_STAMP)
+	$(BIN)/python -m nextscale.pipelines.rehearse --sizes $(SIZES) --out $(OUT)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check nextscale tests
