@@ -38,6 +38,7 @@ def test_the_loader_plan_does_not_grow_with_the_rows(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thread):
     from nextscale.eval.config import FidConfig
     from nextscale.pipelines import fid, tokenize
