@@ -22,7 +22,8 @@ from PIL import Image
 from torch import Tensor
 
 from nextscale.pretrained import from_pretrained, is_pretrained, save_pretrained
-from nextscale.prior.model import VAR, VAR_PRESETS, build_var
+from nextscale.prior.families import PRESETS, build_prior
+from nextscale.prior.model import NextScalePrior
 from nextscale.tokenize.vqvae import VQVAE
 
 __all__ = ["load_tokenizer", "load_prior", "sample", "encode", "decode", "save_pretrained", "from_pretrained"]
@@ -53,7 +54,7 @@ def load_tokenizer(source: str, preset: str = "vae_ch160v4096z32", *, seed: int 
 
 
 def load_prior(source: str, preset: str | None = None, *, seed: int = 0,
-               device: str | torch.device | None = None) -> VAR:
+               device: str | torch.device | None = None) -> NextScalePrior:
     """A VAR prior in eval mode on ``device`` (default: CUDA when available) from
 
     - an official ``.pth`` (e.g. ``hf://FoundationVision/var/var_d16.pth``); ``preset`` None picks the preset
@@ -63,10 +64,10 @@ def load_prior(source: str, preset: str | None = None, *, seed: int = 0,
     """
     from nextscale.prior.convert import load_prior as load_prior_file
 
-    if source in VAR_PRESETS and not is_pretrained(source):
+    if source in PRESETS and not is_pretrained(source):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_var(source).eval().requires_grad_(False)
+            model = build_prior(source).eval().requires_grad_(False)
     else:
         model = load_prior_file(source, preset)
     return model.to(_device(device))
@@ -81,7 +82,7 @@ def _to_pil(img_B3HW_uint8: Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def sample(prior: VAR, tokenizer: VQVAE, classes: Sequence[int] | Tensor, *, seed: int = 0, guidance: float = 1.5,
+def sample(prior: NextScalePrior, tokenizer: VQVAE, classes: Sequence[int] | Tensor, *, seed: int = 0, guidance: float = 1.5,
            top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, batch_size: int = 32,
            pil: bool = True) -> list[Image.Image] | Tensor:
     """One image per entry of ``classes`` (``prior.num_classes`` = unconditional): PIL images, or with

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nextscale.prior.engine import step_loss
-from nextscale.prior.model import VAR, build_var, cached_block_mask
+from nextscale.prior.families import build_prior
+from nextscale.prior.model import NextScalePrior, cached_block_mask
 from nextscale.prior.prefetch import DevicePrefetcher
 from nextscale.prior.sample import sample_codes
+from nextscale.prior.var import VAR
 from nextscale.tokenize.metrics import index_agreement
 from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer
 
@@ -57,14 +59,14 @@ def _result(tol: float, **diffs: float) -> dict:
     return {**diffs, "tol": tol, "ok": all(v <= tol for v in diffs.values())}
 
 
-def tiny_var(preset: str, device: torch.device | str, seed: int = 0, **overrides) -> VAR:
+def tiny_var(preset: str, device: torch.device | str, seed: int = 0, **overrides) -> NextScalePrior:
     """A small VAR with visible AdaLN / head effects (larger init than the official one), no randomness in train()."""
     torch.manual_seed(seed)
-    return build_var(preset, init_adaln_gamma=0.5, init_head=1.0, cond_drop_rate=0.0, drop_path_rate=0.0,
+    return build_prior(preset, init_adaln_gamma=0.5, init_head=1.0, cond_drop_rate=0.0, drop_path_rate=0.0,
                      **overrides).to(device)
 
 
-def _inputs(var: VAR, B: int, device, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+def _inputs(var: NextScalePrior, B: int, device, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     label_B = torch.randint(0, var.num_classes, (B,), generator=g)
     x_BlCv = torch.randn(B, var.L - 1, var.Cv, generator=g)
@@ -72,7 +74,7 @@ def _inputs(var: VAR, B: int, device, seed: int = 1) -> tuple[Tensor, Tensor, Te
     return label_B.to(device), x_BlCv.to(device), target_BL.to(device)
 
 
-def _logits_and_grads(net, var: VAR, label_B: Tensor, x_BlCv: Tensor, target_BL: Tensor) -> tuple[Tensor, list]:
+def _logits_and_grads(net, var: NextScalePrior, label_B: Tensor, x_BlCv: Tensor, target_BL: Tensor) -> tuple[Tensor, list]:
     var.zero_grad(set_to_none=True)
     logits_BLV = net(label_B, x_BlCv)
     F.cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten()).backward()

@@ -22,10 +22,10 @@ FORMAT = "nextscale-pretrained/1"
 
 
 def _kind(model: nn.Module) -> str:
-    from nextscale.prior.model import VAR
+    from nextscale.prior.model import NextScalePrior
     from nextscale.tokenize.vqvae import VQVAE
 
-    if isinstance(model, VAR):
+    if isinstance(model, NextScalePrior):
         return "var"
     if isinstance(model, VQVAE):
         return "vqvae"
@@ -72,7 +72,7 @@ def from_pretrained(url: str, kind: str = "") -> nn.Module:
     from safetensors.torch import load_file
 
     from nextscale.prior.convert import load_official_var
-    from nextscale.prior.model import VARConfig
+    from nextscale.prior.families import config_from_dict
     from nextscale.tokenize.convert import check_state_dict
     from nextscale.tokenize.vqvae import VQVAE, VQVAEConfig
 
@@ -82,7 +82,7 @@ def from_pretrained(url: str, kind: str = "") -> nn.Module:
         raise ValueError(f"{url} holds a {config['model']} model, not {want}")
     state_dict = load_file(storage.local_copy(storage.join(url, WEIGHTS_NAME)))
     if config["model"] == "var":
-        model = load_official_var(state_dict, from_dict(VARConfig, config["config"], prefix=f"{url}: config."))
+        model = load_official_var(state_dict, config_from_dict(config["config"], prefix=f"{url}: config."))
     else:
         model = VQVAE(from_dict(VQVAEConfig, config["config"], prefix=f"{url}: config."))
         model.load_state_dict(check_state_dict(state_dict, model), strict=True)

@@ -8,7 +8,8 @@ import torch
 
 from nextscale.config import to_dict
 from nextscale.prior.convert import to_official_state_dict
-from nextscale.prior.model import VARConfig, build_var
+from nextscale.prior.families import build_prior
+from nextscale.prior.model import VARConfig
 from nextscale.tokenize.convert import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
@@ -22,7 +23,7 @@ def write_tiny_models(directory: Path, seed: int = 0) -> tuple[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        var = build_var(TINY_VAR)
+        var = build_prior(TINY_VAR)
         vqvae = build_vqvae("demo")
     prior, tokenizer = directory / "prior.pt", directory / "tokenizer.pt"
     torch.save({"config": to_dict(var.cfg), "state_dict": to_official_state_dict(var)}, prior)

@@ -11,7 +11,7 @@ from golden_rule import GOLDEN
 
 from nextscale.config import load_config
 from nextscale.eval.config import FidConfig
-from nextscale.prior.model import build_var
+from nextscale.prior.families import build_prior
 from nextscale.tokenize.convert import check_state_dict
 from nextscale.tokenize.vqvae import build_vqvae
 
@@ -20,7 +20,7 @@ def test_the_512px_tokenizer_loads_the_official_checkpoint_and_pairs_with_d36():
     table = json.loads((GOLDEN / "official_keys_vae_ch160v4096z32.json").read_text())
     with torch.device("meta"):
         vae = build_vqvae("vae_ch160v4096z32_512")
-        var = build_var("d36")
+        var = build_prior("d36")
         sd = {k: torch.empty(shape) for k, shape in table.items()}
     vae.load_state_dict(check_state_dict(sd, vae, "vae_ch160v4096z32_512"), strict=True)
     assert vae.cfg.patch_nums == var.patch_nums == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

@@ -170,7 +170,7 @@ def _ranks(rank: int, world_size: int, root: str, port: int) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from nextscale.prior.model import build_var
+    from nextscale.prior.families import build_prior
     from nextscale.prior.parallelize import parallelize
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -180,7 +180,7 @@ def _ranks(rank: int, world_size: int, root: str, port: int) -> None:
 
     def run(strategy: str) -> tuple[checkpoint.TrainState, torch.nn.Module]:
         torch.manual_seed(0)
-        model = build_var("golden_tiny")
+        model = build_prior("golden_tiny")
         net = parallelize(model, strategy, torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
         torch.manual_seed(1 + rank)

@@ -14,7 +14,7 @@ from fake_hub import REGISTRY, FakeHub
 
 from nextscale import storage
 from nextscale.prior.convert import load_prior
-from nextscale.prior.model import build_var
+from nextscale.prior.families import build_prior
 from nextscale.tokenize.convert import load_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
@@ -28,7 +28,7 @@ def _put(fs, url: str, obj) -> None:
 
 def test_official_weights_load_from_hf_urls_and_are_downloaded_once(hub):
     torch.manual_seed(0)
-    vae, var = build_vqvae("golden_tiny"), build_var("golden_tiny")
+    vae, var = build_vqvae("golden_tiny"), build_prior("golden_tiny")
     _put(hub, "hf://FoundationVision/var/vae_tiny.pth", vae.state_dict())
     _put(hub, "hf://FoundationVision/var/var_tiny.pth", var.state_dict())
 

@@ -11,7 +11,8 @@ import torch
 from golden_rule import GOLDEN_MVAR
 
 from nextscale.prior.convert import CheckpointMismatch, load_official_var
-from nextscale.prior.model import VAR_PRESETS, VARConfig, build_var, flops_per_image, num_params
+from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
+from nextscale.prior.model import VARConfig
 from nextscale.prior.mvar import MVAR, IntraScaleAttention
 from nextscale.prior.sample import sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
@@ -34,7 +35,7 @@ def meta_state_dict(table: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 def config_for(table: str) -> VARConfig:
     """The preset a key table was made from (d16_anorm0: mvar_d16 with attn_l2_norm off)."""
     name, _, variant = table.partition("_")
-    return dataclasses.replace(VAR_PRESETS[f"mvar_{name}"], attn_l2_norm=variant != "anorm0")
+    return dataclasses.replace(PRESETS[f"mvar_{name}"], attn_l2_norm=variant != "anorm0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def config_for(table: str) -> VARConfig:
 @pytest.mark.parametrize("table", TABLES)
 def test_official_presets_have_the_official_keys_shapes_and_counts(table):
     with torch.device("meta"):
-        mvar = build_var(config_for(table))
+        mvar = build_prior(config_for(table))
     assert isinstance(mvar, MVAR)
     assert [(k, list(v.shape)) for k, v in mvar.state_dict().items()] == list(official_keys(table).items())
     meta = json.loads((GOLDEN_MVAR / "official_keys_mvar_meta.json").read_text())["presets"][f"mvar_{table}"]
@@ -52,17 +53,17 @@ def test_official_presets_have_the_official_keys_shapes_and_counts(table):
 
 
 def test_parameter_counts_by_the_official_size_rule():
-    counts = {name: num_params(VAR_PRESETS[name]) for name in ("mvar_d16", "mvar_d20", "mvar_d30", "mvar_d32")}
+    counts = {name: num_params(PRESETS[name]) for name in ("mvar_d16", "mvar_d20", "mvar_d30", "mvar_d32")}
     # the d16/d20 presets have no scale_mul_1H11 (attn_l2_norm off, as the released checkpoints)
     assert counts == {"mvar_d16": 464_157_184, "mvar_d20": 900_528_736, "mvar_d30": 3_017_065_756,
                       "mvar_d32": 3_658_707_968}  # the paper's "3.0 B" model is 3.66 B by the code
-    assert flops_per_image(VAR_PRESETS["mvar_d16"]) == pytest.approx(1335.1e9, rel=1e-3)  # 1.44 x VAR-d16's
+    assert flops_per_image(PRESETS["mvar_d16"]) == pytest.approx(1335.1e9, rel=1e-3)  # 1.44 x VAR-d16's
 
 
 def test_flops_formula_agrees_with_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    mvar = build_var("mvar_demo").eval()
+    mvar = build_prior("mvar_demo").eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         mvar(torch.tensor([1]), torch.randn(1, mvar.L - 1, mvar.Cv))
     # the counter does not see CPU SDPA: add the per-scale attention (q k^T and attn v) by hand
@@ -93,7 +94,7 @@ def test_shared_adaln_is_refused():
     from nextscale.config import ConfigError
 
     with pytest.raises(ConfigError, match="shared_aln=true is not available for arch=mvar"):
-        build_var("mvar_debug", shared_aln=True)
+        build_prior("mvar_debug", shared_aln=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_intra_scale_attention_equals_dense_masked_attention_without_a_size_limi
 def debug_mvar():
     torch.manual_seed(0)
     # gates and head far larger than the official init, so every branch visibly contributes
-    return build_var("mvar_debug", init_adaln_gamma=0.5, init_head=1.0, cond_drop_rate=0.0).eval()
+    return build_prior("mvar_debug", init_adaln_gamma=0.5, init_head=1.0, cond_drop_rate=0.0).eval()
 
 
 def random_input(var, B: int = 3, seed: int = 1):
@@ -144,7 +145,7 @@ def test_later_scales_never_change_earlier_logits(debug_mvar):
 
 
 def test_flex_attention_matches_sdpa(debug_mvar):
-    mvar = build_var("mvar_debug", attn_impl="flex").eval()
+    mvar = build_prior("mvar_debug", attn_impl="flex").eval()
     mvar.load_state_dict(debug_mvar.state_dict())
     label_B, x_BlCv = random_input(mvar)
     with torch.no_grad():
@@ -182,7 +183,7 @@ def test_scale_by_scale_sampling_equals_teacher_forcing_and_the_prefix_rerun(deb
 @pytest.mark.parametrize("gate_init", ["small", "official"])
 def test_adaln_gate_init(gate_init):
     torch.manual_seed(0)
-    mvar = build_var("mvar_demo", init_adaln_gamma=1e-3, gate_init=gate_init)
+    mvar = build_prior("mvar_demo", init_adaln_gamma=1e-3, gate_init=gate_init)
     C, std = mvar.C, (1 / 128 / 3) ** 0.5
     w = mvar.blocks[0].ada_lin[1].weight.view(9, C, C)
     stds = [w[i].std().item() / std for i in range(9)]

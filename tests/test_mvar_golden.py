@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nextscale.prior.convert import load_official_var
-from nextscale.prior.model import VAR_PRESETS
+from nextscale.prior.families import PRESETS
 from nextscale.prior.sample import sample_codes
 
 LABELS = torch.tensor([3, 7])
@@ -88,7 +88,7 @@ def test_teacher_forcing_matches_official(forward, name):
 
 def test_without_attn_l2_norm_matches_official(x_BLCv):
     sd = {k: v for k, v in official_tiny_state_dict().items() if not k.endswith("scale_mul_1H11")}
-    mvar = load_official_var(sd, dataclasses.replace(VAR_PRESETS["mvar_golden_tiny"], attn_l2_norm=False))
+    mvar = load_official_var(sd, dataclasses.replace(PRESETS["mvar_golden_tiny"], attn_l2_norm=False))
     with torch.no_grad():
         assert max_abs(mvar(LABELS, x_BLCv), "mvar_nol2_logits_cond.npy") <= TOL
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nextscale.prior.model import build_var
+from nextscale.prior.families import build_prior
 from nextscale.prior.optim import build_optimizer, param_groups
 from nextscale.schedule import Schedule, lr_at, wd_at
 
@@ -60,7 +60,7 @@ def test_weight_decay_cosine_d30_and_constant_default():
 
 
 def test_param_groups_follow_the_official_no_decay_rules():
-    model = build_var("debug")
+    model = build_prior("debug")
     decay, no_decay = param_groups(model)
     block = {"attn.mat_qkv.weight", "attn.proj.weight", "ffn.fc1.weight", "ffn.fc2.weight", "ada_lin.1.weight"}
     assert set(decay["param_names"]) == {
@@ -79,20 +79,20 @@ def test_param_groups_follow_the_official_no_decay_rules():
 
 def test_shared_adaln_offsets_are_not_decayed():
     with torch.device("meta"):
-        model = build_var("d36")
+        model = build_prior("d36")
     decay, no_decay = param_groups(model)
     assert "blocks.0.ada_gss" in no_decay["param_names"] and "shared_ada_lin.1.weight" in decay["param_names"]
 
 
 def test_wrapper_prefixes_do_not_change_the_groups():
-    model = build_var("debug")
+    model = build_prior("debug")
     wrapped = torch.nn.Sequential()
     wrapped.add_module("module", model)  # what DDP's parameter names look like
     assert [g["param_names"] for g in param_groups(wrapped)] == [g["param_names"] for g in param_groups(model)]
 
 
 def test_schedule_writes_lr_and_group_scaled_weight_decay():
-    model = build_var("debug")
+    model = build_prior("debug")
     opt = build_optimizer(model, lr=1.0, betas=(0.9, 0.95))
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"]  # torch has a fused CPU kernel
     sched = Schedule(peak_lr=2e-4, warmup_steps=10, total_steps=100, final_ratio=0.1, wd=0.05, wd_end=0.08)
@@ -106,7 +106,7 @@ def test_schedule_writes_lr_and_group_scaled_weight_decay():
 def test_fused_adamw_on_cpu_equals_the_foreach_update():
     """The fused kernel (now also on CPU) takes the same steps as the default update, to fp32 rounding."""
     torch.manual_seed(0)
-    fused_model, plain_model = build_var("debug"), build_var("debug")
+    fused_model, plain_model = build_prior("debug"), build_prior("debug")
     plain_model.load_state_dict(fused_model.state_dict())
     fused = build_optimizer(fused_model, lr=1e-2, betas=(0.9, 0.95))
     plain = build_optimizer(plain_model, lr=1e-2, betas=(0.9, 0.95), fused=False)

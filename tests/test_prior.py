@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nextscale.prior.convert import CheckpointMismatch, load_official_var, to_official_state_dict
-from nextscale.prior.model import VAR_PRESETS, build_var, flops_per_image, num_params
+from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
 from nextscale.prior.sample import known_mask_from_pixels, sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
 
@@ -36,7 +36,7 @@ def debug_quantizer(var) -> MultiScaleQuantizer:
 @pytest.fixture
 def debug_var():
     torch.manual_seed(0)
-    var = build_var("debug", init_adaln_gamma=0.5, init_head=1.0).eval()  # larger than official: visible effects
+    var = build_prior("debug", init_adaln_gamma=0.5, init_head=1.0).eval()  # larger than official: visible effects
     return var
 
 
@@ -52,25 +52,25 @@ def random_input(var, B: int = 3, seed: int = 1):
 @pytest.mark.parametrize("preset", OFFICIAL)
 def test_official_presets_have_the_official_keys_shapes_and_counts(preset):
     with torch.device("meta"):
-        var = build_var(preset)
+        var = build_prior(preset)
     table = official_keys(preset)
     assert [(k, list(v.shape)) for k, v in var.state_dict().items()] == list(table.items())
     meta = json.loads((GOLDEN / "official_keys_meta.json").read_text())["presets"][f"var_{preset}"]
-    assert num_params(VAR_PRESETS[preset]) == meta["num_params"]
+    assert num_params(PRESETS[preset]) == meta["num_params"]
     assert sorted(n for n, _ in var.named_buffers()) == sorted(meta["buffers"])
 
 
 def test_d16_parameter_count_and_flops_match_the_reference():
-    assert num_params(VAR_PRESETS["d16"]) == 310_283_520
+    assert num_params(PRESETS["d16"]) == 310_283_520
     # docs/var.md §4: forward 310 GFLOP, training 930 GFLOP per image
-    assert flops_per_image(VAR_PRESETS["d16"], training=False) == pytest.approx(310.06e9, rel=1e-3)
-    assert flops_per_image(VAR_PRESETS["d16"]) == pytest.approx(930.2e9, rel=1e-3)
+    assert flops_per_image(PRESETS["d16"], training=False) == pytest.approx(310.06e9, rel=1e-3)
+    assert flops_per_image(PRESETS["d16"]) == pytest.approx(930.2e9, rel=1e-3)
 
 
 def test_d36_is_the_shared_adaln_512px_model():
-    cfg = VAR_PRESETS["d36"]
+    cfg = PRESETS["d36"]
     with torch.device("meta"):
-        var = build_var(cfg)
+        var = build_prior(cfg)
     keys = var.state_dict().keys()
     assert var.L == 2240 and var.C == 2304
     assert "shared_ada_lin.1.weight" in keys and "blocks.0.ada_gss" in keys
@@ -80,7 +80,7 @@ def test_d36_is_the_shared_adaln_512px_model():
 
 @pytest.mark.parametrize("preset", ["debug", "golden_tiny", "demo"])
 def test_small_presets_forward_shapes(preset):
-    var = build_var(preset).eval()
+    var = build_prior(preset).eval()
     label_B, x_BlCv = random_input(var, B=2)
     with torch.no_grad():
         logits = var(label_B, x_BlCv)
@@ -90,17 +90,17 @@ def test_small_presets_forward_shapes(preset):
 def test_demo_preset_pairs_with_the_demo_tokenizer():
     from nextscale.tokenize.vqvae import VQVAE_PRESETS
 
-    vq, var = VQVAE_PRESETS["demo"], VAR_PRESETS["demo"]
+    vq, var = VQVAE_PRESETS["demo"], PRESETS["demo"]
     assert (vq.vocab_size, vq.z_channels, tuple(vq.patch_nums)) == (var.vocab_size, var.latent_channels,
                                                                     tuple(var.patch_nums))
-    vq, var = VQVAE_PRESETS["golden_tiny"], VAR_PRESETS["golden_tiny"]
+    vq, var = VQVAE_PRESETS["golden_tiny"], PRESETS["golden_tiny"]
     assert (vq.vocab_size, vq.z_channels, tuple(vq.patch_nums)) == (var.vocab_size, var.latent_channels,
                                                                     tuple(var.patch_nums))
 
 
 def test_init_weights_follows_the_official_rule():
     torch.manual_seed(0)
-    var = build_var("demo", embed_dim=192)  # C=192, depth 4, init_adaln_gamma 1e-3
+    var = build_prior("demo", embed_dim=192)  # C=192, depth 4, init_adaln_gamma 1e-3
     std, C = (1 / 192 / 3) ** 0.5, 192
     w = var.blocks[0].ada_lin[1].weight
     assert w[:2 * C].std().item() == pytest.approx(std * 1e-3, rel=0.05)
@@ -184,7 +184,7 @@ def test_prefix_of_scales_equals_the_full_forward(debug_var):
 
 
 def test_condition_dropout_only_in_training(debug_var):
-    var = build_var("debug", cond_drop_rate=1.0, init_adaln_gamma=0.5)
+    var = build_prior("debug", cond_drop_rate=1.0, init_adaln_gamma=0.5)
     var.load_state_dict(debug_var.state_dict())
     label_B, x_BlCv = random_input(var)
     null_B = torch.full_like(label_B, var.num_classes)
@@ -196,7 +196,7 @@ def test_condition_dropout_only_in_training(debug_var):
 
 
 def test_flex_attention_matches_sdpa(debug_var):
-    var = build_var("debug", attn_impl="flex").eval()
+    var = build_prior("debug", attn_impl="flex").eval()
     var.load_state_dict(debug_var.state_dict())
     label_B, x_BlCv = random_input(var)
     with torch.no_grad():
@@ -309,7 +309,7 @@ def test_sampler_errors_are_clear(debug_var):
 
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
-    var = build_var("debug", cond_drop_rate=0.0)
+    var = build_prior("debug", cond_drop_rate=0.0)
     quant = debug_quantizer(var)
     codes_BL = torch.randint(0, var.V, (4, var.L), generator=torch.Generator().manual_seed(5))
     label_B = torch.tensor([0, 1, 2, 3])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nextscale.prior.convert import load_official_var
-from nextscale.prior.model import block_causal_bias
 from nextscale.prior.sample import sample_codes
+from nextscale.prior.var import block_causal_bias
 
 LABELS = torch.tensor([3, 7])
 NULL = torch.tensor([10, 10])

@@ -43,7 +43,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
     from nextscale.eval.config import FidConfig
     from nextscale.pipelines import fid, tokenize
     from nextscale.prior.engine import save_prior
-    from nextscale.prior.model import build_var
+    from nextscale.prior.families import build_prior
     from nextscale.tokenize.job_config import TokenizeConfig
 
     data = synthetic_imagenet.make_synthetic_imagenet(
@@ -79,7 +79,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
 
     # fid: one sample per class of 1,000, counted at the driver
     prior = str(tmp_path / "prior.pt")
-    var = build_var("rehearsal")
+    var = build_prior("rehearsal")
     save_prior(prior, var.cfg, var.state_dict())
     reference = tmp_path / "reference"
     reference.mkdir()

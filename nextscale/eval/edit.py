@@ -21,7 +21,7 @@ from nextscale.eval.config import SampleConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import sample_batch, seeded_generator
 from nextscale.images import center_view, open_image, to_float
-from nextscale.prior.model import VAR
+from nextscale.prior.model import NextScalePrior
 from nextscale.prior.sample import known_mask_from_pixels
 from nextscale.tokenize.vqvae import VQVAE
 
@@ -42,7 +42,7 @@ def box_mask(size: int, box: tuple[float, float, float, float]) -> Tensor:
 
 
 @torch.no_grad()
-def edit_image(var: VAR, vqvae: VQVAE, image_13HW: Tensor, keep_HW: Tensor, label: int, generator: torch.Generator,
+def edit_image(var: NextScalePrior, vqvae: VQVAE, image_13HW: Tensor, keep_HW: Tensor, label: int, generator: torch.Generator,
                sampling: SamplingConfig) -> Tensor:
     """One edited sample, uint8 (1, 3, H, W): the image's tokens where ``keep_HW`` holds, the prior's elsewhere."""
     device = var.pos_start.device
@@ -53,7 +53,7 @@ def edit_image(var: VAR, vqvae: VQVAE, image_13HW: Tensor, keep_HW: Tensor, labe
     return img
 
 
-def edit_rows(var: VAR, vqvae: VQVAE, cfg: SampleConfig, device: torch.device) -> dict[str, list[Tensor]]:
+def edit_rows(var: NextScalePrior, vqvae: VQVAE, cfg: SampleConfig, device: torch.device) -> dict[str, list[Tensor]]:
     """mode -> [the kept pixels (the rest greyed), sample 1, ..., sample n] as uint8 (3, H, W) tiles.
 
     Sample j of mode m draws from a generator seeded by (seed, 2, m, j).

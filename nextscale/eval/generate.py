@@ -19,7 +19,7 @@ from torch import Tensor
 from nextscale.eval.config import ModelsConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
 from nextscale.prior.convert import load_prior
-from nextscale.prior.model import VAR
+from nextscale.prior.model import NextScalePrior
 from nextscale.prior.sample import sample_codes
 from nextscale.tokenize.convert import load_tokenizer
 from nextscale.tokenize.vqvae import VQVAE
@@ -27,7 +27,7 @@ from nextscale.tokenize.vqvae import VQVAE
 log = logging.getLogger(__name__)
 
 
-def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[VAR, VQVAE]:
+def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[NextScalePrior, VQVAE]:
     """The prior and tokenizer on ``device``, checked to fit each other."""
     var = load_prior(cfg.prior_url, cfg.prior_preset)
     vqvae, _ = load_tokenizer(cfg.tokenizer_url, preset=cfg.tokenizer_preset)
@@ -46,7 +46,7 @@ def seeded_generator(device: torch.device | str, *key: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def sample_batch(var: VAR, vqvae: VQVAE, labels: Sequence[int] | Tensor, generator: torch.Generator,
+def sample_batch(var: NextScalePrior, vqvae: VQVAE, labels: Sequence[int] | Tensor, generator: torch.Generator,
                  sampling: SamplingConfig, *, known_codes_BL: Tensor | None = None,
                  known_mask_BL: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(codes (B, L) int64, images uint8 (B, 3, H, W)) for ``labels``, all on the model's device.

@@ -44,7 +44,7 @@ from nextscale.config import RayConfig, doc, require
 from nextscale.devices import peak_flops, pick_device
 from nextscale.eval.config import SamplingConfig
 from nextscale.prior.engine import step_loss
-from nextscale.prior.model import build_var, flops_per_image
+from nextscale.prior.families import build_prior, flops_per_image
 from nextscale.prior.optim import build_optimizer
 from nextscale.prior.prefetch import DevicePrefetcher
 from nextscale.prior.sample import sample_codes
@@ -190,7 +190,7 @@ def _vqvae_too_slow(s: Setup) -> bool:
 
 def _var(s: Setup, vq_cfg, **overrides):
     torch.manual_seed(0)
-    return build_var(s.prior, vocab_size=vq_cfg.vocab_size, latent_channels=vq_cfg.z_channels,
+    return build_prior(s.prior, vocab_size=vq_cfg.vocab_size, latent_channels=vq_cfg.z_channels,
                      patch_nums=tuple(vq_cfg.patch_nums), **overrides).to(s.device)
 
 

@@ -18,11 +18,11 @@ from nextscale.config import (
     WandbConfig,
     WorkersConfig,
     doc,
-    from_dict,
     require,
     to_dict,
 )
-from nextscale.prior.model import VAR_PRESETS, VARConfig
+from nextscale.prior.families import PRESETS, config_from_dict
+from nextscale.prior.model import VARConfig
 
 # the tokenizer decides these; a model override that disagrees is an error caught at start
 TOKENIZER_FIELDS = ("vocab_size", "latent_channels", "patch_nums")
@@ -30,20 +30,19 @@ TOKENIZER_FIELDS = ("vocab_size", "latent_channels", "patch_nums")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PriorModelConfig:
-    preset: str = doc("demo", f"VAR preset: one of {', '.join(VAR_PRESETS)}")
+    preset: str = doc("demo", f"prior preset (its family: var, mvar, ...): one of {', '.join(PRESETS)}")
     overrides: dict[str, Any] = doc({}, "VARConfig fields replacing the preset's, e.g. {depth: 12, drop_path_rate: 0.05}",
                                   keys=VARConfig)
 
     def __post_init__(self) -> None:
-        require(self.preset in VAR_PRESETS,
-                f"model.preset={self.preset!r} is unknown; choose one of {', '.join(VAR_PRESETS)}")
+        require(self.preset in PRESETS,
+                f"model.preset={self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         coerced = to_dict(self.var_config())  # fail at load time on a bad key or value
-        object.__setattr__(self, "overrides", {k: coerced[k] for k in self.overrides})
+        object.__setattr__(self, "overrides", {k: coerced[k] for k in self.overrides if k in coerced})
 
     def var_config(self, **extra: Any) -> VARConfig:
         """The preset with ``extra`` (tokenizer fields) then ``overrides`` applied, coerced by declared types."""
-        return from_dict(VARConfig, {**to_dict(VAR_PRESETS[self.preset]), **extra, **self.overrides},
-                         prefix="model.overrides.")
+        return config_from_dict({**to_dict(PRESETS[self.preset]), **extra, **self.overrides}, prefix="model.overrides.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,6 @@ recomputed from the config. An M-VAR file given to a VAR preset (or the reverse)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -21,8 +20,8 @@ import torch
 from torch import Tensor
 
 from nextscale import storage
-from nextscale.config import from_dict
-from nextscale.prior.model import VAR, VAR_PRESETS, VARConfig, build_var, level_index
+from nextscale.prior.families import PRESETS, build_prior, config_from_dict, family_of, family_of_state_dict
+from nextscale.prior.model import ModelFamily, NextScalePrior, VARConfig, level_index
 from nextscale.tokenize import convert as tokenizer_convert
 from nextscale.tokenize.convert import CheckpointMismatch, read_checkpoint
 
@@ -53,41 +52,37 @@ def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
     signature = _signature(state_dict)
     if signature is None:
         return ""
-    arch, depth, width, _ = signature
+    family, depth, width, _ = signature
     l2 = any(k.endswith("attn.scale_mul_1H11") for k in state_dict)
-    family = _FAMILY[arch]
     name = matching_preset(state_dict)
     if name:
-        l2_note = "" if VAR_PRESETS[name].attn_l2_norm == l2 else f" with model.overrides.attn_l2_norm={str(l2).lower()}"
-        return (f"this looks like {family} {name if arch == 'mvar' else 'var_' + name} (depth {depth}, width "
-                f"{width}), use preset {name}{l2_note}")
-    return (f"this looks like {family} of depth {depth} and width {width}; build a VARConfig with arch={arch} "
-            "and those sizes")
+        l2_note = "" if PRESETS[name].attn_l2_norm == l2 else f" with model.overrides.attn_l2_norm={str(l2).lower()}"
+        return (f"this looks like {family.title} {family.file_prefix}{name} (depth {depth}, width {width}), use "
+                f"preset {name}{l2_note}")
+    return (f"this looks like {family.title} of depth {depth} and width {width}; build a "
+            f"{family.config.__name__} with those sizes")
 
 
-def _signature(state_dict: Mapping[str, Tensor]) -> tuple[str, int, int, bool] | None:
-    """(arch, depth, width, shared AdaLN) of a prior state dict, or None if it is not one."""
+def _signature(state_dict: Mapping[str, Tensor]) -> tuple[ModelFamily, int, int, bool] | None:
+    """(family, depth, width, shared AdaLN) of a prior state dict, or None if it is not one."""
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not blocks or "pos_start" not in state_dict:
+    family = family_of_state_dict(state_dict)
+    if not blocks or "pos_start" not in state_dict or family is None:
         return None
-    arch = "mvar" if any(".mamba." in k for k in state_dict) else "var"
     shared = any(k.startswith("shared_ada_lin.") for k in state_dict)
-    return arch, max(blocks) + 1, state_dict["pos_start"].shape[-1], shared
+    return family, max(blocks) + 1, state_dict["pos_start"].shape[-1], shared
 
 
 def matching_preset(state_dict: Mapping[str, Tensor]) -> str:
     """The first preset whose family, depth, width and AdaLN sharing the state dict has, or ''."""
     signature = _signature(state_dict)
-    return next((name for name, cfg in VAR_PRESETS.items()
-                 if (cfg.arch, cfg.depth, cfg.width, cfg.shared_aln) == signature), "")
+    return next((name for name, cfg in PRESETS.items()
+                 if (family_of(cfg), cfg.depth, cfg.width, cfg.shared_aln) == signature), "")
 
 
-_FAMILY = {"var": "a VAR", "mvar": "an M-VAR"}
-
-
-def check_state_dict(state_dict: Mapping[str, Tensor], model: VAR, preset: str = "") -> None:
+def check_state_dict(state_dict: Mapping[str, Tensor], model: NextScalePrior, preset: str = "") -> None:
     """Raise CheckpointMismatch naming the first missing, unexpected or mis-shaped key."""
-    what = f"{_FAMILY[model.cfg.arch]} ({f'preset {preset}' if preset else 'this VARConfig'})"
+    what = f"{family_of(model.cfg).title} ({f'preset {preset}' if preset else 'this config'})"
     expected = model.state_dict(keep_vars=True)
     hint = _looks_like(state_dict)
     hint = f": {hint}" if hint else ""
@@ -105,7 +100,7 @@ def check_state_dict(state_dict: Mapping[str, Tensor], model: VAR, preset: str =
 
 
 def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
-                      preset: str | VARConfig = "d16") -> VAR:
+                      preset: str | VARConfig = "d16") -> NextScalePrior:
     """Build ``preset`` and load an official VAR state dict (path, URL or mapping) strictly, in eval mode.
 
     The model takes the checkpoint's tensors without a copy (cast to float32 where they are not), on
@@ -117,32 +112,19 @@ def load_official_var(path_or_state_dict: str | os.PathLike | Mapping[str, Tenso
     else:
         state_dict = read_state_dict(path_or_state_dict)
     with torch.device("meta"):
-        model = build_var(preset)
+        model = build_prior(preset)
     check_state_dict(state_dict, model, preset if isinstance(preset, str) else "")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    device = state_dict["pos_start"].device
     _warn_on_foreign_layout(state_dict, model)
     # derived buffers come from the config, not the file
+    derived = model.derived_buffers(state_dict["pos_start"].device)
     for name, _ in model.named_buffers():
-        state_dict[name] = _derived_buffer(model, name, device)
+        state_dict[name] = derived[name]
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
 
-def _derived_buffer(model: VAR, name: str, device: torch.device) -> Tensor:
-    L = model.L
-    if name == "lvl_1L":
-        return level_index(model.patch_nums, device).view(1, L)
-    if name == "attn_bias_for_masking":
-        return model.mask_bias(model.patch_nums, device).contiguous()
-    if name.endswith("zero_k_bias"):
-        return torch.zeros(model.C, device=device)
-    if name.endswith("attn.patch_nums"):
-        return torch.tensor([pn * pn for pn in model.patch_nums], dtype=torch.int32, device=device)
-    raise AssertionError(f"unknown buffer {name}")
-
-
-def _warn_on_foreign_layout(state_dict: Mapping[str, Tensor], model: VAR) -> None:
+def _warn_on_foreign_layout(state_dict: Mapping[str, Tensor], model: NextScalePrior) -> None:
     lvl = state_dict["lvl_1L"]
     if lvl.device.type == "meta":
         return
@@ -151,13 +133,13 @@ def _warn_on_foreign_layout(state_dict: Mapping[str, Tensor], model: VAR) -> Non
                     model.patch_nums)
 
 
-def to_official_state_dict(model: VAR) -> dict[str, Tensor]:
+def to_official_state_dict(model: NextScalePrior) -> dict[str, Tensor]:
     """The official-format state dict of a nextscale VAR (same names; float32, contiguous, on CPU)."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
             for k, v in model.state_dict().items()}
 
 
-def load_prior(url: str, preset: str | None = "d16") -> VAR:
+def load_prior(url: str, preset: str | None = "d16") -> NextScalePrior:
     """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}), a folder written by
     ``nextscale.save_pretrained``, or an official state dict built as ``preset`` (None: the preset whose sizes
     the file has); eval mode, gradients off."""
@@ -171,9 +153,7 @@ def load_prior(url: str, preset: str | None = "d16") -> VAR:
         raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
                                 "models.prior_url") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
-        fields = {f.name for f in dataclasses.fields(VARConfig)}
-        cfg_dict = obj["config"].get("var", obj["config"])
-        cfg = from_dict(VARConfig, {k: v for k, v in cfg_dict.items() if k in fields}, prefix=f"{url}: config.")
+        cfg = config_from_dict(obj["config"].get("var", obj["config"]), prefix=f"{url}: config.")
         var = load_official_var(obj["state_dict"], cfg)
     else:
         if preset is None:

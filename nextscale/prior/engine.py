@@ -32,8 +32,9 @@ from nextscale.devices import peak_flops
 from nextscale.logs import Trackers, write_metrics
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.data import CodeLoader
+from nextscale.prior.families import FAMILIES, build_prior, flops_per_image, num_params
 from nextscale.prior.loss import head_cross_entropy
-from nextscale.prior.model import VARConfig, build_var, flops_per_image, num_params
+from nextscale.prior.model import VARConfig
 from nextscale.prior.optim import build_optimizer
 from nextscale.prior.prefetch import DevicePrefetcher
 from nextscale.runtime import Pictures, TrainContext, no_pictures
@@ -209,7 +210,7 @@ class PriorTrainer:
         self.schedule = schedule_of(cfg, self.steps_per_epoch, self.total_steps)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_var(self.var_cfg).to(device).train()
+        self.model = build_prior(self.var_cfg).to(device).train()
         self.net = ctx.wrap_model(self.model)
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, lr=self.schedule.peak_lr, betas=o.betas, eps=o.eps, fused=o.fused)
@@ -390,10 +391,12 @@ def _check_same_family(state: dict, var_cfg: VARConfig, cfg: PriorTrainConfig, r
     """An output folder holding another model family's checkpoint is a user mistake: name both."""
     saved = state.get("var_config", {}).get("arch", "var")
     if saved != var_cfg.arch:
-        family = {"var": "a VAR", "mvar": "an M-VAR"}
+        def title(arch: str) -> str:
+            return FAMILIES[arch].title if arch in FAMILIES else f"a model of family {arch}"
+
         saved_preset = state.get("config", {}).get("model", {}).get("preset", "?")
-        raise ValueError(f"the checkpoint in {restore_dir} holds {family[saved]} (model.preset={saved_preset}) but "
-                         f"model.preset={cfg.model.preset} is {family[var_cfg.arch]}; resume with "
+        raise ValueError(f"the checkpoint in {restore_dir} holds {title(saved)} (model.preset={saved_preset}) but "
+                         f"model.preset={cfg.model.preset} is {title(var_cfg.arch)}; resume with "
                          f"model.preset={saved_preset} or write to another output")
 
 

@@ -1,7 +1,11 @@
-"""VAR transformer (FoundationVision/VAR ``models/{var,basic_var}.py``): next-scale prediction over code pyramids.
+"""What every next-scale family shares (FoundationVision/VAR ``models/{basic_var,var}.py``), and the spec a family
+declares: a family is a plug-in (``nextscale.prior.families`` lists them; ``var`` and ``mvar`` are two).
 
-Also the pieces every next-scale family shares (embeddings, AdaLN, attention projections, FFN, head,
-init, teacher-forcing front-end); M-VAR (``nextscale.prior.mvar``) is a subclass with its own block.
+Shared here: the building blocks (DropPath, FFN, attention with L2-normalised q/k and a KV cache, the AdaLN
+head, the shared AdaLN linear, FlexAttention block masks), the architecture config every family starts from
+(:class:`VARConfig`), the block protocol (:class:`Block`), :class:`NextScalePrior` (embeddings, head, init,
+teacher-forcing front-end, incremental state for the sampler), the FLOPs of the shared parts, and
+:class:`ModelFamily`, the spec a family module fills in.
 
 Module paths and buffer names equal the official state-dict names (``blocks.3.attn.mat_qkv.weight``,
 ``head_nm.ada_lin.1.bias``, ``attn_bias_for_masking``...), so an official ``var_d16.pth`` loads with a
@@ -24,14 +28,14 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextscale.config import doc, preset, require
+from nextscale.config import doc, require
 
 # ------------------------------------------------------------------------------------------------
 # Building blocks
@@ -93,6 +97,10 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(C, C)
         self.kv_caching(False)
 
+    def derived_buffers(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Buffers computed from the sizes, not learned (a checkpoint's copies are replaced by these)."""
+        return {"zero_k_bias": torch.zeros(self.C, device=device)}
+
     def kv_caching(self, enable: bool, static_kv: Tensor | None = None) -> None:
         """``static_kv`` (2, B, H, L, c): a preallocated cache written in place at fixed addresses (CUDA graphs)."""
         self.caching, self.cached_k, self.cached_v = enable, None, None
@@ -132,50 +140,6 @@ class SelfAttention(nn.Module):
         else:
             out_BHlc = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
-
-
-class AdaLNSelfAttn(nn.Module):
-    """Pre-norm block whose LayerNorms (no affine) are modulated by the class condition.
-
-    x = x + DropPath(Attn(LN(x)(1 + scale1) + shift1) * gamma1)
-    x = x + DropPath(FFN(LN(x)(1 + scale2) + shift2) * gamma2)
-    The condition gives six C-vectors in the official chunk order (gamma1, gamma2, scale1, scale2, shift1, shift2).
-    """
-
-    num_branches = 2  # residual branches, each with its AdaLN gate (the first chunks of the modulation)
-
-    def __init__(self, cfg: VARConfig, drop_path: float):
-        super().__init__()
-        C = cfg.width
-        self.C, self.shared_aln = C, cfg.shared_aln
-        self.attn = SelfAttention(C, cfg.heads, cfg.attn_l2_norm)
-        self.ffn = FFN(C, round(C * cfg.mlp_ratio))
-        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
-        if cfg.shared_aln:
-            # per-block offsets added to the one shared modulation (VAR-d36-s)
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * C))
-        self.drop_path = DropPath(drop_path)
-
-    static_kv_cache = True  # kv_caching(static_B > 0) works with this block
-
-    def incremental(self, enable: bool, static_kv: Tensor | None = None) -> None:
-        """Scale-by-scale sampling: each call sees one scale, the attention keeps this and earlier scales' keys
-        (in ``static_kv`` (2, B, H, L, c) if given)."""
-        self.attn.kv_caching(enable, static_kv)
-
-    def forward(self, x_BlC: Tensor, cond: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
-        """``cond`` is cond_BD, or with shared AdaLN the shared modulation (B, 1, 6, C)."""
-        if self.shared_aln:
-            mods_B16C = self.ada_gss + cond
-        else:
-            mods_B16C = self.ada_lin(cond).view(-1, 1, 6, self.C)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods_B16C.unbind(2)  # (B, 1, C) each
-        h = self.attn(self.ln_wo_grad(x_BlC).mul(scale1.add(1)).add_(shift1), attn_bias, block_mask)
-        x_BlC = x_BlC + self.drop_path(h.mul_(gamma1))
-        h = self.ffn(self.ln_wo_grad(x_BlC).mul(scale2.add(1)).add_(shift2))
-        return x_BlC + self.drop_path(h.mul(gamma2))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -232,16 +196,17 @@ def cached_block_mask(attends, patch_nums: tuple[int, ...], L: int, device: torc
 
 
 # ------------------------------------------------------------------------------------------------
-# Config and model
+# Config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VARConfig:
-    """Architecture (and initialisation) of a VAR transformer; the official sizes are presets."""
+    """Architecture (and initialisation) of a next-scale prior, the fields every family shares; a family with
+    settings of its own subclasses it (``nextscale.prior.mvar.MVARConfig``). The official sizes are presets."""
 
-    arch: Literal["var", "mvar"] = doc(
-        "var", "model family: var = block-causal attention over all scales; mvar = M-VAR (arXiv 2411.10433): "
-               "attention inside each scale, then a causal Mamba2 over all tokens, then the FFN")
+    arch: str = doc("var", "model family (nextscale.prior.families): var = block-causal attention over all scales; "
+                           "mvar = M-VAR (arXiv 2411.10433): attention inside each scale, then a causal Mamba2 "
+                           "over all tokens, then the FFN")
     depth: int = doc(16, "number of transformer blocks")
     embed_dim: int = doc(0, "width C; 0 = 64 * depth (the official size rule)")
     num_heads: int = doc(0, "attention heads; 0 = depth (head dim 64 with the size rule)")
@@ -265,10 +230,6 @@ class VARConfig:
     gate_init: Literal["small", "official"] = doc(
         "small", "which AdaLN gates get init_adaln_gamma: small = every branch's gate; official = the first two "
                  "chunks as the official code does (same for VAR; M-VAR's FFN gate then gets init_adaln)")
-    mamba_d_state: int = doc(64, "M-VAR: state size of the Mamba2 mixers (official 64; head dim 64, expand 2)")
-    mamba_chunk_size: int = doc(256, "M-VAR: chunk length of the Mamba2 scan (mamba_ssm's 256). Changes speed and "
-                                     "memory, not the result beyond float rounding: without mamba_ssm the PyTorch "
-                                     "scan holds ~B * heads * L * chunk floats per block, so lower it for large models")
 
     def __post_init__(self) -> None:
         require(self.depth >= 1, f"depth={self.depth} must be >= 1")
@@ -280,12 +241,6 @@ class VARConfig:
         require(self.patch_nums[0] == 1, f"patch_nums={self.patch_nums} must start at 1 (the class token is scale 0)")
         require(0.0 <= self.cond_drop_rate <= 1.0, f"cond_drop_rate={self.cond_drop_rate} must be in [0, 1]")
         require(self.attn_impl in ("sdpa", "flex"), f"attn_impl={self.attn_impl!r} must be 'sdpa' or 'flex'")
-        require(self.arch in ("var", "mvar"), f"arch={self.arch!r} must be 'var' or 'mvar'")
-        # the official M-VAR crashes with shared AdaLN (its shared linear has 6 chunks, the blocks unpack 9)
-        require(not (self.arch == "mvar" and self.shared_aln), "shared_aln=true is not available for arch=mvar")
-        require(self.arch == "var" or (2 * self.width) % 64 == 0,
-                f"embed_dim={self.width} must be a multiple of 32 for arch=mvar (Mamba2 heads of 64 channels)")
-        require(self.mamba_d_state >= 1 and self.mamba_chunk_size >= 1, "mamba_d_state and mamba_chunk_size must be >= 1")
 
     @property
     def width(self) -> int:
@@ -313,10 +268,39 @@ def level_index(patch_nums: Sequence[int], device: torch.device | str | None = N
     return torch.cat([torch.full((pn * pn,), si, dtype=torch.long, device=device) for si, pn in enumerate(patch_nums)])
 
 
-class VAR(nn.Module):
-    """VAR; a family differs in its block class and in which positions a query may attend to (``attends``)."""
+# ------------------------------------------------------------------------------------------------
+# The block protocol and the shared model
 
-    block_class: type[nn.Module] = AdaLNSelfAttn
+
+class Block(Protocol):
+    """What :class:`NextScalePrior` needs of a family's block, built as ``block_class(cfg, drop_path)``.
+
+    The attribute names are the official state-dict names, and the shared init relies on them: ``attn.proj``
+    and ``ffn.fc2`` (residual outputs, scaled down by depth), ``ada_lin = Sequential(SiLU, Linear(C, 3 * branches
+    * C))`` (or ``ada_gss`` offsets with shared AdaLN), its rows ordered (gates, scales, shifts) with one gate per
+    residual branch first.
+    """
+
+    num_branches: ClassVar[int]  # residual branches, each with its AdaLN gate (3 chunks of modulation each)
+    static_kv_cache: ClassVar[bool]  # incremental(True, static_kv=...) works: sampling with a preallocated cache
+    attn: SelfAttention
+    ffn: FFN
+
+    def __call__(self, x_BlC: Tensor, cond: Tensor, attn_bias: Tensor | None, block_mask=None) -> Tensor:
+        """One block on tokens x; ``cond`` is cond_BD, or with shared AdaLN the shared modulation (B, 1, 6, C)."""
+
+    def incremental(self, enable: bool, static_kv: Tensor | None = None) -> None:
+        """Sampling, scale by scale: from ``enable`` on, each call sees one scale's tokens and the block keeps what
+        later scales need (its state is cleared by every call); ``static_kv`` (2, B, H, L, c): the preallocated
+        cache of a ``static_kv_cache`` block."""
+
+
+class NextScalePrior(nn.Module):
+    """What every family's model shares: embeddings, head, init, teacher-forcing front-end, the incremental state
+    the sampler drives. A family's model subclasses it with its ``block_class`` (a :class:`Block`) and its
+    attention rule ``attends`` (``nextscale.prior.var.VAR``, ``nextscale.prior.mvar.MVAR``)."""
+
+    block_class: type[Block]
 
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -338,7 +322,9 @@ class VAR(nn.Module):
         nn.init.trunc_normal_(self.class_emb.weight, mean=0, std=std)
         self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
         nn.init.trunc_normal_(self.lvl_embed.weight, mean=0, std=std)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * C)) if cfg.shared_aln else nn.Identity()
+        chunks = 3 * self.block_class.num_branches  # (gate, scale, shift) per residual branch
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, chunks * C)) if cfg.shared_aln \
+            else nn.Identity()
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # official rates, also under meta
         self.blocks = nn.ModuleList(self.block_class(cfg, dpr[i]) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C, self.D, cfg.norm_eps)
@@ -346,8 +332,8 @@ class VAR(nn.Module):
 
     @staticmethod
     def attends(lvl_q: Tensor, lvl_kv: Tensor) -> Tensor:
-        """Whether a query of scale ``lvl_q`` sees a key of scale ``lvl_kv``: VAR's block-causal rule."""
-        return lvl_q >= lvl_kv
+        """Whether a query of scale ``lvl_q`` sees a key of scale ``lvl_kv`` (elementwise): the family's rule."""
+        raise NotImplementedError
 
     @classmethod
     def mask_bias(cls, patch_nums: Sequence[int], device: torch.device | str | None = None) -> Tensor:
@@ -355,6 +341,16 @@ class VAR(nn.Module):
         lvl_L = level_index(patch_nums, device)
         allowed_LL = cls.attends(lvl_L[:, None], lvl_L[None, :])
         return torch.where(allowed_LL, 0.0, -torch.inf).reshape(1, 1, lvl_L.numel(), lvl_L.numel())
+
+    def derived_buffers(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Every buffer of the model computed from the config on ``device``: checkpoints carry the buffers (the
+        official files do), loading replaces them with these."""
+        out = {"lvl_1L": level_index(self.patch_nums, device).view(1, self.L),
+               "attn_bias_for_masking": self.mask_bias(self.patch_nums, device).contiguous()}
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "derived_buffers"):
+                out.update({f"{name}.{k}": v for k, v in module.derived_buffers(device).items()})
+        return out
 
     # --- initialisation -------------------------------------------------------------------------
 
@@ -369,7 +365,7 @@ class VAR(nn.Module):
                     m.bias.zero_()
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=std)
-            elif isinstance(m, nn.Conv1d):  # M-VAR's Mamba2 convs
+            elif isinstance(m, nn.Conv1d):  # e.g. M-VAR's Mamba2 convs
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     m.bias.zero_()
@@ -441,13 +437,14 @@ class VAR(nn.Module):
     @contextlib.contextmanager
     def kv_caching(self, static_B: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[None]:
         """Scale-by-scale sampling: within the block each ``run_blocks`` call gets the next scale's tokens and
-        every block keeps what later scales need (VAR: keys/values); cleared on entry and exit.
+        every block keeps what later scales need (``Block.incremental``: VAR keys/values, M-VAR its mixer's
+        state); cleared on entry and exit.
 
-        ``static_B`` > 0 (VAR blocks): each attention layer writes into a KV cache preallocated for
+        ``static_B`` > 0 (blocks with ``static_kv_cache``): each attention layer writes into a KV cache preallocated for
         ``static_B`` rows and all L positions in ``dtype`` (the blocks' dtype) instead of concatenating, so
         every scale's step has fixed shapes and addresses (what CUDA-graph capture needs).
         """
-        if static_B > 0 and not getattr(self.block_class, "static_kv_cache", False):
+        if static_B > 0 and not self.block_class.static_kv_cache:
             raise ValueError(f"{type(self).__name__} blocks keep no KV cache: sample with static_cache=False")
         for block in self.blocks:
             if static_B > 0:
@@ -501,11 +498,6 @@ class VAR(nn.Module):
         return x_BLC, cond_BD
 
 
-def block_causal_bias(patch_nums: Sequence[int], device: torch.device | str | None = None) -> Tensor:
-    """(1, 1, L, L) float32: 0 where level(query) >= level(key), -inf elsewhere (the official VAR mask buffer)."""
-    return VAR.mask_bias(patch_nums, device)
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -513,102 +505,46 @@ def _autocast_dtype(device_type: str) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs
+# FLOPs and the family spec
 
 
-def flops_per_image(cfg: VARConfig, training: bool = True) -> float:
-    """Matmul FLOPs (multiply-add = 2) of one teacher-forced image; x3 for forward + backward.
+def dense_block_flops(cfg: VARConfig) -> float:
+    """Matmul FLOPs per token of a block's attention projections and FFN (qkv, proj, fc1, fc2; multiply-add = 2)."""
+    C, hidden = cfg.width, round(cfg.width * cfg.mlp_ratio)
+    return 2 * (3 * C * C + C * C + 2 * C * hidden)
 
-    VAR's attention is counted dense over L x L, as a masked dense kernel computes it (docs/var.md §4:
-    d16 = 310 GFLOP forward, 930 GFLOP training); M-VAR's over each scale's pn^2 x pn^2 block, plus the
-    Mamba2 projections and its chunked scan (chunk-local C B^T and its product with x, chunk states).
+
+def shared_flops(cfg: VARConfig, num_branches: int) -> float:
+    """Forward matmul FLOPs of one image outside the blocks: the head over L tokens, the AdaLN linears (once per
+    image) and the word embedding of the L - 1 teacher-forced tokens."""
+    C, L = cfg.width, cfg.num_tokens
+    adaln = (2 * C * 3 * num_branches * C) * (1 if cfg.shared_aln else cfg.depth) + 2 * C * 2 * C
+    return 2 * C * cfg.vocab_size * L + adaln + 2 * cfg.latent_channels * C * (L - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A model family, as its module declares it (torchtitan's ``ModelSpec``); ``nextscale.prior.families`` lists them.
+
+    Nothing outside the family's module and the table branches on ``name``: building, presets, parameter count,
+    FLOPs (and so MFU), checkpoint conversion, resume checks and sampling all go through this spec.
     """
-    C, L, V, depth = cfg.width, cfg.num_tokens, cfg.vocab_size, cfg.depth
-    hidden = round(C * cfg.mlp_ratio)
-    per_token_block = 2 * (3 * C * C + C * C + 2 * C * hidden)  # qkv, proj, fc1, fc2
-    if cfg.arch == "mvar":
-        E, N, H = 2 * C, cfg.mamba_d_state, 2 * C // 64
-        T = min(cfg.mamba_chunk_size, L)
-        per_token_block += 2 * C * (2 * E + 2 * N + H) + 2 * E * C  # in_proj, out_proj
-        per_token_block += 2 * T * (N + E) + 2 * 2 * E * N  # scan: C B^T (one group), y_diag, states, y_off
-        attention = 4 * sum(pn**4 for pn in cfg.patch_nums) * C * depth
-    else:
-        attention = 4 * L * L * C * depth  # q k^T and attn v
-    head = 2 * C * V * L
-    chunks = 9 if cfg.arch == "mvar" else 6
-    adaln = (2 * C * chunks * C) * (1 if cfg.shared_aln else depth) + 2 * C * 2 * C  # once per image
-    word_embed = 2 * cfg.latent_channels * C * (L - 1)
-    forward = per_token_block * L * depth + attention + head + adaln + word_embed
-    return float(3 * forward if training else forward)
 
+    name: str  # the config's ``arch``
+    title: str  # how messages name it: "a VAR", "an M-VAR"
+    config: type[VARConfig]  # VARConfig, or a subclass with the family's own fields
+    model: type[NextScalePrior]  # built as model(cfg); its block_class follows :class:`Block`
+    presets: Mapping[str, VARConfig]
+    flops_per_image: Callable[[VARConfig, bool], float]  # (cfg, training) -> matmul FLOPs of one image
+    signature: tuple[str, ...]  # keys under ``blocks.<i>.`` every official state dict of the family holds
+    file_prefix: str = ""  # the official file of preset p is ``{file_prefix}{p}.pth``
 
-def num_params(cfg: VARConfig) -> int:
-    """Parameter count without building the model."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_var(cfg).parameters())
+    def build(self, cfg: VARConfig) -> NextScalePrior:
+        if not isinstance(cfg, self.config):
+            raise TypeError(f"{self.title} is built from a {self.config.__name__}, not a {type(cfg).__name__}")
+        return self.model(cfg)
 
-
-# ------------------------------------------------------------------------------------------------
-# Presets
-
-_PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-_PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-
-VAR_PRESETS: dict[str, VARConfig] = {
-    # README training commands: init_adaln_gamma (alng) per size
-    "d16": VARConfig(depth=16, init_adaln_gamma=1e-3),
-    "d20": VARConfig(depth=20, init_adaln_gamma=1e-3),
-    "d24": VARConfig(depth=24, init_adaln_gamma=1e-4),
-    "d30": VARConfig(depth=30, init_adaln_gamma=1e-5),
-    # VAR-d36-s: 512 px, shared AdaLN
-    "d36": VARConfig(depth=36, patch_nums=_PATCH_NUMS_512, shared_aln=True, init_adaln_gamma=5e-6),
-    # tests/golden: the official constructor with tiny sizes (pairs with VQVAE preset "golden_tiny")
-    "golden_tiny": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, latent_channels=8,
-                             patch_nums=(1, 2, 3, 4), drop_path_rate=0.0),
-    # unit tests: smallest thing that exercises every code path
-    "debug": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=32, latent_channels=8,
-                       patch_nums=(1, 2, 3), drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    # the built-in demo dataset (10 classes), pairs with VQVAE preset "demo" (V=512, Cv=16, L=130): 1.3 M
-    # parameters, ~0.75 GFLOP per training image, so a 2-core CPU sees several epochs in a few minutes
-    # CPU benchmarks: the official 256-px token pyramid (L=680) and 4096-code head around a 2-block body
-    "small": VARConfig(depth=2, embed_dim=128, num_heads=2, drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    "demo": VARConfig(depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512, latent_channels=16,
-                      patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    # the scale rehearsal (docs/scaling.md): 1,000 classes on the codes of VQVAE preset "rehearsal" (V=256, Cv=8, L=30)
-    "rehearsal": VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=1000, vocab_size=256, latent_channels=8,
-                           patch_nums=(1, 2, 3, 4), drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    # M-VAR (docs/var.md §5): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
-    # attn_l2_norm (official README). d32 is the paper's "3.0 B" model: 3.66 B by the code's size rule.
-    "mvar_d12": VARConfig(arch="mvar", depth=12, init_adaln_gamma=1e-3),
-    "mvar_d16": VARConfig(arch="mvar", depth=16, attn_l2_norm=False, init_adaln_gamma=1e-3),
-    "mvar_d20": VARConfig(arch="mvar", depth=20, attn_l2_norm=False, init_adaln_gamma=1e-3),
-    "mvar_d24": VARConfig(arch="mvar", depth=24, init_adaln_gamma=1e-4),
-    "mvar_d30": VARConfig(arch="mvar", depth=30, init_adaln_gamma=1e-5),
-    "mvar_d32": VARConfig(arch="mvar", depth=32, init_adaln_gamma=1e-5),
-    # tests/golden/mvar: the official constructor with tiny sizes (C=128: 4 Mamba2 heads of 64)
-    "mvar_golden_tiny": VARConfig(arch="mvar", depth=2, embed_dim=128, num_heads=2, num_classes=10, vocab_size=64,
-                                  latent_channels=8, patch_nums=(1, 2, 3, 4), drop_path_rate=0.0),
-    "mvar_debug": VARConfig(arch="mvar", depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=32,
-                            latent_channels=8, patch_nums=(1, 2, 3), drop_path_rate=0.0, init_adaln_gamma=1e-3),
-    # the demo's sizes (pairs with VQVAE preset "demo"); the mixers add ~0.4 M parameters to VAR's 1.3 M
-    "mvar_demo": VARConfig(arch="mvar", depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512,
-                           latent_channels=16, patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0,
-                           init_adaln_gamma=1e-3),
-}
-
-
-def build_var(preset_or_cfg: str | VARConfig, *, init: bool = True, **overrides) -> VAR:
-    """A VAR from a preset name or config (plus field overrides), initialised as the official ``init_weights``.
-
-    Build under ``torch.device("meta")`` for shapes only (init is skipped there). ``arch: mvar`` gives an M-VAR.
-    """
-    cfg = preset(VAR_PRESETS, preset_or_cfg, "VAR", **overrides)
-    if cfg.arch == "mvar":
-        from nextscale.prior.mvar import MVAR  # mvar builds on this module's pieces
-
-        model: VAR = MVAR(cfg)
-    else:
-        model = VAR(cfg)
-    if init and model.pos_start.device.type != "meta":
-        model.init_weights()
-    return model
+    def num_params(self, cfg: VARConfig) -> int:
+        """Parameters of the model built from ``cfg``, counted on the meta device (no memory, no init)."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.build(cfg).parameters())

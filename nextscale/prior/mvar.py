@@ -7,8 +7,9 @@ Each block runs three branches in sequence, each with its own AdaLN gate and res
     x = x + g3 * FFN(LN(x)(1 + s3) + h3)
 
 with (g1, g2, g3, s1, s2, s3, h1, h2, h3) = ada_lin(cond), the official chunk order. Everything else
-(embeddings, head, init, teacher-forcing front-end, sampler) is VAR's; module paths are the official
-state-dict names, so official checkpoints load strictly (``nextscale.prior.convert``).
+(embeddings, head, init, teacher-forcing front-end, sampler) is the shared
+:class:`~nextscale.prior.model.NextScalePrior`; module paths are the official state-dict names, so official
+checkpoints load strictly (``nextscale.prior.convert``).
 
 Semantics follow the official code's training mode, which is what its sampler computes; nextscale
 does the same in eval mode. (The official eval-mode forward attends across all scales without a mask
@@ -16,7 +17,7 @@ and reads a block cache it never initialises: tests/golden/mvar/README.md §7.) 
 attention runs one SDPA call per scale (or FlexAttention with a same-scale block mask), never a dense
 L x L mask, and has no limit on a scale's size.
 
-Sampling (``kv_caching``, used by ``nextscale.prior.sample``) needs no KV cache: a scale's attention
+Sampling (``NextScalePrior.kv_caching``, used by ``nextscale.prior.sample``) needs no KV cache: a scale's attention
 sees only that scale, and each block's Mamba2 continues from the state the previous scale left, so
 every scale runs only its own tokens through every block (680 token-steps at 256 px; the official
 sampler re-runs the mixers over the whole prefix, 1,710).
@@ -26,14 +27,45 @@ Shape legend: as ``nextscale.prior.model``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nextscale.config import doc, require
 from nextscale.prior.mamba2 import Mamba2, Mamba2State
-from nextscale.prior.model import FFN, VAR, DropPath, SelfAttention, VARConfig, flex_attention
+from nextscale.prior.model import (
+    FFN,
+    DropPath,
+    ModelFamily,
+    NextScalePrior,
+    SelfAttention,
+    VARConfig,
+    dense_block_flops,
+    flex_attention,
+    shared_flops,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MVARConfig(VARConfig):
+    """An M-VAR: the shared architecture fields plus the Mamba2 mixers' own."""
+
+    arch: str = doc("mvar", "model family (nextscale.prior.families): mvar = M-VAR")
+    mamba_d_state: int = doc(64, "state size of the Mamba2 mixers (official 64; head dim 64, expand 2)")
+    mamba_chunk_size: int = doc(256, "chunk length of the Mamba2 scan (mamba_ssm's 256). Changes speed and memory, "
+                                     "not the result beyond float rounding: without mamba_ssm the PyTorch scan holds "
+                                     "~B * heads * L * chunk floats per block, so lower it for large models")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # the official M-VAR crashes with shared AdaLN (its shared linear has 6 chunks, the blocks unpack 9)
+        require(not self.shared_aln, "shared_aln=true is not available for arch=mvar")
+        require((2 * self.width) % 64 == 0,
+                f"embed_dim={self.width} must be a multiple of 32 for arch=mvar (Mamba2 heads of 64 channels)")
+        require(self.mamba_d_state >= 1 and self.mamba_chunk_size >= 1, "mamba_d_state and mamba_chunk_size must be >= 1")
 
 
 class IntraScaleAttention(SelfAttention):
@@ -46,8 +78,12 @@ class IntraScaleAttention(SelfAttention):
 
     def __init__(self, C: int, H: int, attn_l2_norm: bool, patch_nums: Sequence[int]):
         super().__init__(C, H, attn_l2_norm)
-        self.register_buffer("patch_nums", torch.tensor([pn * pn for pn in patch_nums], dtype=torch.int32))
         self.scale_lens = tuple(pn * pn for pn in patch_nums)
+        self.register_buffer("patch_nums", torch.tensor(self.scale_lens, dtype=torch.int32))
+
+    def derived_buffers(self, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        return {**super().derived_buffers(device),
+                "patch_nums": torch.tensor(self.scale_lens, dtype=torch.int32, device=device)}
 
     def forward(self, x_BlC: Tensor, attn_bias: Tensor | None = None, block_mask=None) -> Tensor:
         B, l, C = x_BlC.shape
@@ -80,8 +116,9 @@ class AdaLNMambaBlock(nn.Module):
     """The M-VAR block (official ``basic_mvar.AdaLNSelfAttn``): intra-scale attention, Mamba2, FFN."""
 
     num_branches = 3
+    static_kv_cache = False  # no KV cache at all: the attention sees one scale, the mixer carries a state
 
-    def __init__(self, cfg: VARConfig, drop_path: float):
+    def __init__(self, cfg: MVARConfig, drop_path: float):
         super().__init__()
         C = self.C = cfg.width
         self.attn = IntraScaleAttention(C, cfg.heads, cfg.attn_l2_norm, cfg.patch_nums)
@@ -98,7 +135,7 @@ class AdaLNMambaBlock(nn.Module):
         self.state: Mamba2State | None = None
         self.prefix_BlC: Tensor | None = None
 
-    def incremental(self, enable: bool) -> None:
+    def incremental(self, enable: bool, static_kv: Tensor | None = None) -> None:
         self.caching = self.attn.caching = enable
         self.state = self.prefix_BlC = None
 
@@ -123,8 +160,9 @@ class AdaLNMambaBlock(nn.Module):
         return self.mamba(u_BlC, self.state)
 
 
-class MVAR(VAR):
-    """M-VAR: VAR's embeddings, head, init and front-end with :class:`AdaLNMambaBlock` blocks."""
+class MVAR(NextScalePrior):
+    """M-VAR: the shared embeddings, head, init and front-end with :class:`AdaLNMambaBlock` blocks (teacher forcing
+    has the official train-mode semantics in both modes)."""
 
     block_class = AdaLNMambaBlock
 
@@ -133,15 +171,50 @@ class MVAR(VAR):
         """Attention stays inside a scale (the official buffer holds this mask; the kernels never need it dense)."""
         return lvl_q == lvl_kv
 
-    def forward(self, label_B: Tensor, x_BlCv: Tensor, head: bool = True) -> Tensor:
-        """Teacher forcing, as ``VAR.forward`` (the official train-mode semantics in both modes)."""
-        x_BLC, cond_BD = self.embed(label_B, x_BlCv)
-        if self.cfg.attn_impl == "flex" and (x_BLC.device.type != "cpu" or not torch.is_grad_enabled()):
-            return self.run_blocks(x_BLC, cond_BD, None, self._block_mask(x_BLC.shape[1], x_BLC.device), head)
-        return self.run_blocks(x_BLC, cond_BD, None, head=head)
-
     def sample_by_rerunning_prefix(self, enable: bool) -> None:
         """Sample as the official code does, re-running every mixer over the whole prefix at each scale
         instead of carrying its state: the baseline the stateful sampler is benchmarked and tested against."""
         for block in self.blocks:
             block.rerun_prefix = enable
+
+
+def flops_per_image(cfg: MVARConfig, training: bool = True) -> float:
+    """Matmul FLOPs (multiply-add = 2) of one teacher-forced image; x3 for forward + backward.
+
+    The attention is counted over each scale's pn^2 x pn^2 block, plus the Mamba2 projections and its chunked
+    scan (chunk-local C B^T and its product with x, chunk states).
+    """
+    C, L = cfg.width, cfg.num_tokens
+    E, N, H = 2 * C, cfg.mamba_d_state, 2 * C // 64
+    T = min(cfg.mamba_chunk_size, L)
+    per_token_block = dense_block_flops(cfg)
+    per_token_block += 2 * C * (2 * E + 2 * N + H) + 2 * E * C  # in_proj, out_proj
+    per_token_block += 2 * T * (N + E) + 2 * 2 * E * N  # scan: C B^T (one group), y_diag, states, y_off
+    attention = 4 * sum(pn**4 for pn in cfg.patch_nums) * C * cfg.depth
+    forward = per_token_block * L * cfg.depth + attention + shared_flops(cfg, AdaLNMambaBlock.num_branches)
+    return float(3 * forward if training else forward)
+
+
+PRESETS: dict[str, MVARConfig] = {
+    # M-VAR (docs/var.md §5): VAR's sizes and recipe; the d16/d20 checkpoints were trained without
+    # attn_l2_norm (official README). d32 is the paper's "3.0 B" model: 3.66 B by the code's size rule.
+    "mvar_d12": MVARConfig(depth=12, init_adaln_gamma=1e-3),
+    "mvar_d16": MVARConfig(depth=16, attn_l2_norm=False, init_adaln_gamma=1e-3),
+    "mvar_d20": MVARConfig(depth=20, attn_l2_norm=False, init_adaln_gamma=1e-3),
+    "mvar_d24": MVARConfig(depth=24, init_adaln_gamma=1e-4),
+    "mvar_d30": MVARConfig(depth=30, init_adaln_gamma=1e-5),
+    "mvar_d32": MVARConfig(depth=32, init_adaln_gamma=1e-5),
+    # tests/golden/mvar: the official constructor with tiny sizes (C=128: 4 Mamba2 heads of 64)
+    "mvar_golden_tiny": MVARConfig(depth=2, embed_dim=128, num_heads=2, num_classes=10, vocab_size=64,
+                                   latent_channels=8, patch_nums=(1, 2, 3, 4), drop_path_rate=0.0),
+    "mvar_debug": MVARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=32,
+                             latent_channels=8, patch_nums=(1, 2, 3), drop_path_rate=0.0, init_adaln_gamma=1e-3),
+    # the demo's sizes (pairs with VQVAE preset "demo"); the mixers add ~0.4 M parameters to VAR's 1.3 M
+    "mvar_demo": MVARConfig(depth=4, embed_dim=128, num_heads=2, num_classes=10, vocab_size=512,
+                            latent_channels=16, patch_nums=(1, 2, 3, 4, 6, 8), drop_path_rate=0.0,
+                            init_adaln_gamma=1e-3),
+}
+
+FAMILY = ModelFamily(name="mvar", title="an M-VAR", config=MVARConfig, model=MVAR, presets=PRESETS,
+                     flops_per_image=flops_per_image,
+                     signature=("attn.mat_qkv.weight", "mamba.in_proj.weight", "ffn.fc1.weight"))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nextscale.prior.model import VAR
+from nextscale.prior.model import NextScalePrior
 
 
 def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -66,7 +66,7 @@ def _check_known(known_codes_BL: Tensor | None, known_mask_BL: Tensor | None, B:
 
 
 @torch.no_grad()
-def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Generator, cfg: float = 1.5,
+def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: torch.Generator, cfg: float = 1.5,
                  top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
                  known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None,
                  autocast: bool | None = None, record: dict[str, list[Tensor]] | None = None,
@@ -150,7 +150,7 @@ def sample_codes(var: VAR, quantizer, label_B: Tensor, *, generator: torch.Gener
     return torch.cat(idx_list, dim=1)
 
 
-def _graphed_run_blocks(var: VAR):
+def _graphed_run_blocks(var: NextScalePrior):
     """``var.run_blocks`` compiled for CUDA-graph replay, cached on the model (one compile per model)."""
     if getattr(var, "_graphed_run_blocks", None) is None:
         # one graph per scale: each scale has its own shapes and cache offset (a recompile each), more than
