@@ -590,7 +590,7 @@ PICTURES = {  # file -> (title, y label, {legend: figure name in FIGURES})
     "scaling_time.png": ("wall time against N (2 CPU cores)", "seconds", {
         "tokenize train (parquet)": "tokenize_seconds", "tokenize rerun (verify + skip)": "tokenize_rerun_seconds",
         "tokenize ImageFolder": "imagefolder_seconds", "tokenize val (tars)": "val_wds_seconds",
-        "train-prior (300 steps, kill + resume)": "train_seconds", "fid (kill + resume)": "fid_seconds"}),
+        "train-prior rerun (resumed)": "train_seconds", "fid rerun (resumed)": "fid_seconds"}),
     "scaling_memory.png": ("peak RSS against N", "MB", {
         "tokenize driver": "tokenize_driver_rss_mb", "ImageFolder driver": "imagefolder_driver_rss_mb",
         "decode task": "tokenize_decoder_rss_mb", "encoder actor": "tokenize_encoder_rss_mb",
@@ -612,7 +612,7 @@ def draw_pictures(report: dict, folder: str) -> list[str]:
     runs = [r for r in report["runs"] if "fid" in r]
     written = []
     for name, (title, unit, lines) in PICTURES.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
         for (legend, figure), color in zip(lines.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2):
             path, count = FIGURES[figure]
             points = [(_get(r, count), _get(r, path)) for r in runs]
@@ -624,7 +624,7 @@ def draw_pictures(report: dict, folder: str) -> list[str]:
             ax.plot([n[0], n[-1]], [y[0], y[0] * n[-1] / n[0]], ":", color=color, linewidth=0.8)
         ax.set(xscale="log", yscale="log", xlabel="items (images, or samples for fid)", ylabel=unit, title=title)
         ax.grid(True, which="both", linewidth=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(os.path.join(folder, name))
         fig.savefig(written[-1])
@@ -648,10 +648,11 @@ TABLE = (  # row label -> (path in a size's result, format)
     ("loader plan: bytes", ("loader", "plan_bytes"), "{:,}"),
     ("loader resume at mid-epoch: s (exact)", None, "resume"),
     ("loader epoch: samples/s (multiset exact)", None, "epoch"),
-    ("train-prior 300 steps, kill + resume: s", ("train", "seconds"), "{:.0f}"),
+    ("train-prior, killed at its first checkpoint: s", ("train", "killed_after_s"), "{:.0f}"),
+    ("  rerun, resumed to step 300: s", ("train", "seconds"), "{:.0f}"),
     ("  img/s, worker / driver peak RSS MB", None, "train"),
     ("  restart overhead after the kill: s", ("train", "resume_overhead_s"), "{:.0f}"),
-    ("fid samples (per class), kill + resume: s", None, "fid"),
+    ("fid samples (per class), rerun after the kill: s", None, "fid"),
     ("  img/s, sampler / driver peak RSS MB", None, "fidrate"),
 )
 
