@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FID_PER_CLASS = 50
 S3_SIZE = 0.1  # the size whose storage requests are counted against an S3 server
+STAGE_ATTEMPTS = 2  # a stage that fails (a local Ray instance that did not start in time) runs once more: it resumes
 TITLE = re.compile(r"^ray::(?:\w+\()*(\w+)")
 
 
@@ -139,8 +140,20 @@ def run_stage(name: str, config: str, overrides: list[str], *, log_path: str, ki
     of each Ray worker kind, and the object store's spill.
 
     ``kill_when()`` (polled every 0.5 s) True kills the child and its Ray instance with SIGKILL, as a lost node
-    or an operator's kill -9 would: the result then says ``killed`` and has no summary.
+    or an operator's kill -9 would: the result then says ``killed`` and has no summary. A failed child is run
+    again up to :data:`STAGE_ATTEMPTS` times in all (``attempts`` in the result).
     """
+    for attempt in range(1, STAGE_ATTEMPTS + 1):
+        result = _run_child(name, config, overrides, log_path=log_path, kill_when=kill_when, env=env)
+        if result is not None:
+            return {**result, "attempts": attempt}
+        log.warning("stage %s failed (attempt %d of %d); its log is %s", name, attempt, STAGE_ATTEMPTS, log_path)
+    raise RuntimeError(f"stage {name} failed {STAGE_ATTEMPTS} times; its log is {log_path}")
+
+
+def _run_child(name: str, config: str, overrides: list[str], *, log_path: str, kill_when,
+               env: dict[str, str] | None) -> dict | None:
+    """One child process of :func:`run_stage`; None when it failed."""
     cmd = [sys.executable, "-m", "nextscale.pipelines.rehearse", "--stage", name, config, *overrides]
     t0 = time.perf_counter()
     chunks: list[bytes] = []
@@ -163,7 +176,7 @@ def run_stage(name: str, config: str, overrides: list[str], *, log_path: str, ki
     if killed:
         return {"killed": True, "seconds": round(seconds, 2), "peak_rss_mb": workers}
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {name} failed with status {proc.returncode}; its log is {log_path}")
+        return None
     result = json.loads(b"".join(chunks).decode().strip().splitlines()[-1])
     result["peak_rss_mb"] = {"driver": result.pop("driver_peak_rss_mb"), **workers}
     result["seconds"] = round(seconds, 2)
@@ -481,7 +494,9 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
         r = run_stage("tokenize", "tokenize_rehearsal", [f"input={inp['url']}", f"output={url}", *extra],
                       log_path=os.path.join(logs, f"tokenize-{job}.log"))
         s = r.pop("summary")
+        # img_per_s: the job from Ray's start to its last shard; steady: the encoder's first to last batch
         r.update(items=s["listed"], shards=s["shards"], img_per_s=s["img_per_s"],
+                 steady_img_per_s=s["steady_img_per_s"],
                  img_per_s_per_core=round(s["listed"] / r["seconds"] / os.cpu_count(), 1),
                  written=codes_written(url), integrity=check_codes(url, inp, keys))
         tokenize[job] = r
@@ -544,6 +559,7 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
 
 FIGURES = {  # name -> path in a size's result, and the count it scales with
     "tokenize_seconds": (("tokenize", "train_parquet", "seconds"), ("counts", "train")),
+    "tokenize_steady_img_per_s": (("tokenize", "train_parquet", "steady_img_per_s"), ("counts", "train")),
     "tokenize_driver_rss_mb": (("tokenize", "train_parquet", "peak_rss_mb", "driver"), ("counts", "train")),
     "tokenize_encoder_rss_mb": (("tokenize", "train_parquet", "peak_rss_mb", "ShardChunkEncoder"), ("counts", "train")),
     "tokenize_decoder_rss_mb": (("tokenize", "train_parquet", "peak_rss_mb", "read_and_views"), ("counts", "train")),
@@ -718,13 +734,21 @@ def rehearse(sizes: list[float], out: str) -> dict:
         "load_average_at_start": os.getloadavg()}, "sizes": sizes, "runs": [], "growth": []}
 
     def save() -> None:
+        report["runs"].sort(key=lambda r: r["size"])
         report["growth"] = slopes([r for r in report["runs"] if "fid" in r])
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
         os.replace(path + ".tmp", path)
 
+    if os.path.exists(path):  # sizes finished by an earlier run of this command are kept
+        with open(path) as f:
+            report["runs"] = [r for r in json.load(f)["runs"] if "seconds" in r and r["size"] in sizes]
+    done = {r["size"] for r in report["runs"]}
     t0 = time.perf_counter()
     for fraction in sizes:
+        if fraction in done:
+            log.info("size %g already measured in %s; kept", fraction, path)
+            continue
         run = {"size": fraction}
         report["runs"].append(run)
         t = time.perf_counter()
