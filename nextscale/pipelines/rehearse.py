@@ -509,7 +509,11 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
             save()
 
     if fraction == S3_SIZE:
-        result["s3"] = rehearse_s3(data, root, logs)
+        try:
+            result["s3"] = rehearse_s3(data, root, logs)
+        except Exception as e:  # noqa: BLE001 - the other stages' figures are still worth having
+            log.exception("the S3 part failed")
+            result["s3"] = {"error": f"{type(e).__name__}: {e}"}
         save()
 
     codes_url = os.path.join(root, "codes", "train_parquet")
