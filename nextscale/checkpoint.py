@@ -160,7 +160,7 @@ def restore(ctx: CheckpointContext, state: TrainState,
         return False
     saved_world = payload.get("world_size", len(payload["rng"]))
     if state.per_rank and saved_world != ctx.world_size:
-        raise ValueError(f"the checkpoint {where} was written by {saved_world} workers; resume with "
+        raise CheckpointError(f"the checkpoint {where} was written by {saved_world} workers; resume with "
                          f"workers.count={saved_world} (data positions are per worker)")
     if check is not None:
         check(payload, where)

@@ -339,7 +339,7 @@ def preset(presets: Mapping[str, T], name_or_cfg: str | T, kind: str, **override
     """A config from a named preset or given as is, with field overrides; a clear error for unknown names."""
     if isinstance(name_or_cfg, str):
         if name_or_cfg not in presets:
-            raise ValueError(f"unknown {kind} preset {name_or_cfg!r}; choose one of {', '.join(presets)}")
+            raise ConfigError(f"unknown {kind} preset {name_or_cfg!r}; choose one of {', '.join(presets)}")
         name_or_cfg = presets[name_or_cfg]
     return dataclasses.replace(name_or_cfg, **overrides) if overrides else name_or_cfg
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nextscale.config import ConfigError
+
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' datasheets
 PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
                     "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
@@ -14,7 +16,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but no CUDA device is visible here; use device=auto or device=cpu")
+        raise ConfigError(f"device={device} but no CUDA device is visible here; use device=auto or device=cpu")
     return torch.device(device)
 
 

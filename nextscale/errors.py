@@ -18,6 +18,10 @@ class UserError(Exception):
     """Something the user gave is wrong; the message says what and how to fix it."""
 
 
+class NotFound(UserError, FileNotFoundError):
+    """A location the user named (a checkpoint, a reference, an input) does not exist."""
+
+
 def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -276,7 +276,7 @@ def open_image(source: str, data: bytes | None = None, min_side: int = 1) -> Ima
     a ValueError naming the file and the reason otherwise."""
     img, reason = decode_image(storage.read_bytes(source) if data is None else data, min_side)
     if img is None:
-        raise ValueError(f"cannot use image {source}: {reason}; remove or replace the file")
+        raise InputError(f"cannot use image {source}: {reason}; remove or replace the file")
     return img
 
 

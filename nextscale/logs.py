@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nextscale import storage
-from nextscale.config import TensorBoardConfig, WandbConfig, dump_yaml, to_dict
+from nextscale.config import ConfigError, TensorBoardConfig, WandbConfig, dump_yaml, to_dict
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -42,8 +42,8 @@ class WandbRun:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError(f"wandb.mode={cfg.mode} needs wandb: pip install 'nextscale[wandb]', or set "
-                               "wandb.mode=disabled") from None
+            raise ConfigError(f"wandb.mode={cfg.mode} needs wandb: pip install 'nextscale[wandb]', or set "
+                              "wandb.mode=disabled") from None
 
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)

@@ -14,6 +14,7 @@ import json
 from torch import nn
 
 from nextscale import storage
+from nextscale.checkpoint import CheckpointError
 from nextscale.config import from_dict, to_dict
 
 CONFIG_NAME = "config.json"
@@ -60,9 +61,9 @@ def read_config(url: str) -> dict:
     try:
         config = json.loads(storage.read_text(where))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not JSON ({e}); re-save the model with save_pretrained") from None
+        raise CheckpointError(f"{where} is not JSON ({e}); re-save the model with save_pretrained") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("model") not in ("var", "vqvae"):
-        raise ValueError(f"{where} is not a nextscale model config (expected format {FORMAT!r} and model "
+        raise CheckpointError(f"{where} is not a nextscale model config (expected format {FORMAT!r} and model "
                          "'var' or 'vqvae'); save the model with nextscale.save_pretrained")
     return config
 
@@ -79,7 +80,7 @@ def from_pretrained(url: str, kind: str = "") -> nn.Module:
     config = read_config(url)
     if kind and config["model"] != kind:
         want = {"var": "a prior", "vqvae": "a tokenizer"}[kind]
-        raise ValueError(f"{url} holds a {config['model']} model, not {want}")
+        raise CheckpointError(f"{url} holds a {config['model']} model, not {want}")
     state_dict = load_file(storage.local_copy(storage.join(url, WEIGHTS_NAME)))
     if config["model"] == "var":
         model = load_official_var(state_dict, config_from_dict(config["config"], prefix=f"{url}: config."))

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from nextscale.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 STYLES = ("bar", "lines", "off")
@@ -57,7 +59,7 @@ class Progress:
         tty_style = "bar" if bar else "off"
         style = style or os.environ.get("NEXTSCALE_PROGRESS") or (tty_style if sys.stderr.isatty() else "lines")
         if style not in STYLES:
-            raise ValueError(f"NEXTSCALE_PROGRESS={style!r}: choose one of {', '.join(STYLES)}")
+            raise ConfigError(f"NEXTSCALE_PROGRESS={style!r}: choose one of {', '.join(STYLES)}")
         self.total, self.desc, self.unit, self.every_s, self.style, self.log = total, desc, unit, every_s, style, logger
         self.done = 0
         self.t0 = self._last = time.perf_counter()

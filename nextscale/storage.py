@@ -68,7 +68,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except ImportError as e:
         extra = EXTRAS.get(proto)
         fix = f"pip install 'nextscale[{extra}]'" if extra else f"install the fsspec implementation of {proto}://"
-        raise RuntimeError(f"cannot open {url!r}: {e}; {fix}") from e
+        raise UserError(f"cannot open {url!r}: {e}; {fix}") from e
     return fs, path
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextscale import storage
+from nextscale.config import ConfigError
+from nextscale.errors import NotFound
 from nextscale.eval.config import FidConfig
 from nextscale.images import accepted_images, center_view, list_image_folder, open_image
 
@@ -106,18 +108,18 @@ def evaluate_demo_samples(cfg: FidConfig) -> dict:
     """
     c = cfg.classifier
     if not c.train_images:
-        raise ValueError("classifier.train_images is empty: set it (and classifier.heldout_images) to run the check")
+        raise ConfigError("classifier.train_images is empty: set it (and classifier.heldout_images) to run the check")
     t0 = time.perf_counter()
     samples_url = storage.join(cfg.output, "samples.npz")
     if not storage.exists(samples_url):
-        raise FileNotFoundError(f"{samples_url} does not exist: run `nextscale fid` with save_npz=true first")
+        raise NotFound(f"{samples_url} does not exist: run `nextscale fid` with save_npz=true first")
     with np.load(io.BytesIO(storage.read_bytes(samples_url))) as npz:
         samples, sample_labels = npz["arr_0"], npz["labels"]
     train_x, train_y, classes = load_image_folder(c.train_images, c.image_size)
     real_x, real_y, _ = load_image_folder(c.heldout_images, c.image_size)
     num_classes = len(classes)
     if sample_labels.max() >= num_classes:
-        raise ValueError(f"samples use class {int(sample_labels.max())} but {c.train_images} has {num_classes} classes")
+        raise ConfigError(f"samples use class {int(sample_labels.max())} but {c.train_images} has {num_classes} classes")
     model = train_classifier(train_x, train_y, num_classes, size=c.image_size, steps=c.steps, seed=c.seed)
     on_samples = per_class_accuracy(model, samples, sample_labels, num_classes, c.image_size)
     on_real = per_class_accuracy(model, real_x, real_y, num_classes, c.image_size)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nextscale.config import ConfigError
 from nextscale.eval.config import SampleConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import sample_batch, seeded_generator
@@ -61,7 +62,7 @@ def edit_rows(var: NextScalePrior, vqvae: VQVAE, cfg: SampleConfig, device: torc
     e = cfg.edit
     for name, label in (("edit.source_label", e.source_label), ("edit.label", e.label)):
         if not 0 <= label < var.num_classes:
-            raise ValueError(f"{name}={label} is not a class of this prior (it has {var.num_classes})")
+            raise ConfigError(f"{name}={label} is not a class of this prior (it has {var.num_classes})")
     size = vqvae.cfg.image_size
     image = load_image(e.image, size)
     inside = box_mask(size, e.box)

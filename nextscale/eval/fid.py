@@ -25,6 +25,8 @@ import scipy.linalg
 import torch
 
 from nextscale import storage
+from nextscale.errors import NotFound
+from nextscale.images import InputError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ def load_reference_npz(url: str) -> dict[str, np.ndarray]:
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise NotFound(
             f"reference {url} does not exist: download VIRTUAL_imagenet256_labeled.npz from the ADM evaluator "
             "(openai/guided-diffusion evaluations/README.md) or set reference.images to a folder of real images"
         ) from None
@@ -202,10 +204,10 @@ def load_reference_npz(url: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             out = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"reference {url} is not a readable .npz ({e})") from e
+        raise InputError(f"reference {url} is not a readable .npz ({e})") from e
     missing = [k for k in ("mu", "sigma") if k not in out]
     if missing:
-        raise ValueError(f"reference {url} has no {missing[0]!r} array (keys: {sorted(out)}); use an ADM reference "
+        raise InputError(f"reference {url} has no {missing[0]!r} array (keys: {sorted(out)}); use an ADM reference "
                          "batch or a reference_stats.npz written by `nextscale fid`")
     return out
 

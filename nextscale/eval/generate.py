@@ -21,7 +21,7 @@ from nextscale.eval.features import to_uint8
 from nextscale.prior.convert import load_prior
 from nextscale.prior.model import NextScalePrior
 from nextscale.prior.sample import sample_codes
-from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.convert import CheckpointMismatch, load_tokenizer
 from nextscale.tokenize.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[
     vqvae, _ = load_tokenizer(cfg.tokenizer_url, preset=cfg.tokenizer_preset)
     vc = vqvae.cfg
     if (tuple(vc.patch_nums), vc.vocab_size, vc.z_channels) != (var.patch_nums, var.V, var.Cv):
-        raise ValueError(f"the prior {cfg.prior_url} (patch_nums {var.patch_nums}, V {var.V}, Cv {var.Cv}) does not "
+        raise CheckpointMismatch(f"the prior {cfg.prior_url} (patch_nums {var.patch_nums}, V {var.V}, Cv {var.Cv}) does not "
                          f"fit the tokenizer {cfg.tokenizer_url} (patch_nums {tuple(vc.patch_nums)}, "
                          f"V {vc.vocab_size}, Cv {vc.z_channels}): use the tokenizer the prior was trained with")
     return var.to(device), vqvae.to(device)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from nextscale.config import ConfigError
 from nextscale.eval.config import SampleConfig
 from nextscale.eval.features import to_uint8
 from nextscale.eval.generate import sample_batch, seeded_generator
@@ -58,7 +59,7 @@ def sample_grid(var, vqvae, cfg: SampleConfig, device: torch.device, progress: P
     rows = []
     for c in cfg.classes:
         if c >= var.num_classes:
-            raise ValueError(f"classes: {c} is not a class of this prior (it has {var.num_classes}); "
+            raise ConfigError(f"classes: {c} is not a class of this prior (it has {var.num_classes}); "
                              f"use classes in [0, {var.num_classes})")
         row = []
         for j in range(cfg.samples_per_class):

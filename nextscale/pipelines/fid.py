@@ -28,8 +28,9 @@ import torch
 from PIL import Image
 
 from nextscale import storage
-from nextscale.config import dump_yaml, to_dict
+from nextscale.config import ConfigError, dump_yaml, to_dict
 from nextscale.devices import pick_device
+from nextscale.errors import NotFound
 from nextscale.eval import features as feature_lib
 from nextscale.eval.config import FidConfig
 from nextscale.eval.fid import (
@@ -41,7 +42,7 @@ from nextscale.eval.fid import (
     write_sample_npz,
 )
 from nextscale.eval.generate import group_indices, load_models, sample_batch, seeded_generator
-from nextscale.images import center_view, is_image_name, open_image, walk
+from nextscale.images import InputError, center_view, is_image_name, open_image, walk
 from nextscale.logs import WandbRun
 from nextscale.pipelines.common import init_ray
 from nextscale.progress import Progress
@@ -157,12 +158,12 @@ def list_reference_items(url: str) -> list[str]:
     if url.endswith(".tar"):
         return [url]
     if not storage.exists(url):
-        raise FileNotFoundError(f"reference.images={url!r} does not exist: give an image folder or tar shards")
+        raise NotFound(f"reference.images={url!r} does not exist: give an image folder or tar shards")
     entries, _ = walk(url)
     tars = [rel for rel, kind in entries if kind == "file" and rel.endswith(".tar")]
     chosen = tars or [rel for rel, kind in entries if kind == "file" and is_image_name(rel)]
     if not chosen:
-        raise FileNotFoundError(f"no images or .tar shards under reference.images={url!r}")
+        raise InputError(f"no images or .tar shards under reference.images={url!r}")
     if len(chosen) < len(entries):
         unused = sorted(set(rel for rel, _ in entries) - set(chosen))
         log.warning("fid: %d entries under %s are not %s and are not used: %s%s", len(unused), url,
@@ -200,7 +201,7 @@ def _use_gpu(cfg: FidConfig) -> bool:
         return False
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and not gpus:
-        raise RuntimeError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
+        raise ConfigError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
     return gpus > 0
 
 
@@ -304,7 +305,7 @@ def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict
     if ref.max_images:
         features = features[: ref.max_images]
     if len(features) < 2:
-        raise ValueError(f"reference.images={ref.images!r} gave {len(features)} images; statistics need at least 2")
+        raise InputError(f"reference.images={ref.images!r} gave {len(features)} images; statistics need at least 2")
     stats = FeatureStats.in_chunks(features)
     return {"mu": stats.mu, "sigma": stats.sigma, "features": features}
 

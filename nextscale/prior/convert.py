@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from nextscale import storage
+from nextscale.errors import NotFound
 from nextscale.prior.families import PRESETS, build_prior, config_from_dict, family_of, family_of_state_dict
 from nextscale.prior.model import ModelFamily, NextScalePrior, VARConfig, level_index
 from nextscale.tokenize import convert as tokenizer_convert
@@ -150,8 +151,8 @@ def load_prior(url: str, preset: str | None = "d16") -> NextScalePrior:
     try:
         obj = read_checkpoint(storage.read_bytes(url), f"prior {url}")
     except FileNotFoundError:
-        raise FileNotFoundError(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
-                                "models.prior_url") from None
+        raise NotFound(f"prior checkpoint {url} does not exist: run `make train-prior` first or set "
+                       "models.prior_url") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
         cfg = config_from_dict(obj["config"].get("var", obj["config"]), prefix=f"{url}: config.")
         var = load_official_var(obj["state_dict"], cfg)

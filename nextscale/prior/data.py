@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nextscale import storage
 from nextscale.codes import READ_ATTEMPTS, READ_BACKOFF_S, Manifest, ShardInfo, read_shard
+from nextscale.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class CodeLoader:
     def load_state_dict(self, d: dict) -> None:
         for key in ("seed", "rank", "world_size", "num_workers", "batch_size"):
             if d.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"loader state has {key}={d[key]} but this loader has {getattr(self, key)}; resume "
+                raise ConfigError(f"loader state has {key}={d[key]} but this loader has {getattr(self, key)}; resume "
                                  "with the same data settings and number of workers")
         if d["epoch"] != self.epoch:
             self._plan_epoch(d["epoch"])

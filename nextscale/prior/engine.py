@@ -26,8 +26,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from nextscale import checkpoint, progress, storage
-from nextscale.codes import Manifest
-from nextscale.config import dump_yaml, to_dict
+from nextscale.codes import CodesError, Manifest, ManifestMismatch
+from nextscale.config import ConfigError, dump_yaml, to_dict
 from nextscale.devices import peak_flops
 from nextscale.logs import Trackers, write_metrics
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
@@ -79,11 +79,11 @@ def load_codes_tokenizer(cfg: PriorTrainConfig, manifest: dict) -> tuple[VQVAE, 
         vqvae, ident = load_tokenizer(tok["url"], preset=tok.get("preset") or cfg.data.tokenizer_preset)
         source = tok["url"]
     else:
-        raise ValueError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to "
+        raise CodesError(f"the manifest of {cfg.data.url} records no tokenizer location; set data.tokenizer_url to "
                          "the tokenizer.pt (or official .pth) the codes were made with")
     recorded = tok.get("sha256")
     if recorded and recorded not in (ident["sha256"], weights_sha256(vqvae)):
-        raise ValueError(f"tokenizer {source} (sha256 {ident['sha256'][:12]}…) is not the one the codes in "
+        raise ManifestMismatch(f"tokenizer {source} (sha256 {ident['sha256'][:12]}…) is not the one the codes in "
                          f"{cfg.data.url} were made with (sha256 {recorded[:12]}…); point data.tokenizer_url at "
                          "that file or re-run `nextscale tokenize` with this tokenizer")
     return vqvae, {**ident, "source": source}
@@ -95,12 +95,12 @@ def resolve_var_config(cfg: PriorTrainConfig, vq_cfg: VQVAEConfig, manifest: Man
                 "patch_nums": tuple(vq_cfg.patch_nums)}
     for key in TOKENIZER_FIELDS:
         if key in cfg.model.overrides and to_dict(cfg.model.overrides[key]) != to_dict(from_tok[key]):
-            raise ValueError(f"model.overrides.{key}={cfg.model.overrides[key]} disagrees with the tokenizer's "
+            raise ConfigError(f"model.overrides.{key}={cfg.model.overrides[key]} disagrees with the tokenizer's "
                              f"{from_tok[key]}; drop the override (it is taken from the tokenizer)")
     var_cfg = cfg.model.var_config(**from_tok)
     classes = manifest.num_classes
     if classes and classes > var_cfg.num_classes:
-        raise ValueError(f"the codes hold {classes} classes but the model has num_classes={var_cfg.num_classes}; "
+        raise ConfigError(f"the codes hold {classes} classes but the model has num_classes={var_cfg.num_classes}; "
                          f"set model.overrides.num_classes={classes}")
     return var_cfg
 
@@ -132,7 +132,7 @@ class Batches:
             except StopIteration:
                 self.epoch += 1
                 self.loader, self._it = self._make(self.epoch), None
-        raise ValueError(f"rank {self.rank} got no batch from {self.cfg.data.url}: fewer samples than "
+        raise ConfigError(f"rank {self.rank} got no batch from {self.cfg.data.url}: fewer samples than "
                          f"data.batch_size / workers.count = {self.cfg.data.batch_size // self.world_size}")
 
     def state_dict(self) -> dict:
@@ -395,9 +395,9 @@ def _check_same_family(state: dict, var_cfg: VARConfig, cfg: PriorTrainConfig, r
             return FAMILIES[arch].title if arch in FAMILIES else f"a model of family {arch}"
 
         saved_preset = state.get("config", {}).get("model", {}).get("preset", "?")
-        raise ValueError(f"the checkpoint in {restore_dir} holds {title(saved)} (model.preset={saved_preset}) but "
-                         f"model.preset={cfg.model.preset} is {title(var_cfg.arch)}; resume with "
-                         f"model.preset={saved_preset} or write to another output")
+        raise ConfigError(f"the checkpoint in {restore_dir} holds {title(saved)} (model.preset={saved_preset}) but "
+                          f"model.preset={cfg.model.preset} is {title(var_cfg.arch)}; resume with "
+                          f"model.preset={saved_preset} or write to another output")
 
 
 def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes_BL: torch.Tensor,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from nextscale import checkpoint, storage
 from nextscale.config import from_dict, to_dict
-from nextscale.errors import UserError
+from nextscale.errors import NotFound, UserError
 from nextscale.tokenize.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, build_vqvae
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def read_tokenizer(source: str) -> str | bytes:
     try:
         return storage.read_bytes(source)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise NotFound(
             f"tokenizer {source!r} does not exist: give a tokenizer.pt from `nextscale train-tokenizer`, an "
             f"official .pth, or a preset name ({', '.join(VQVAE_PRESETS)})") from None
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from nextscale.config import ConfigError
 from nextscale.images import center_view, open_image, resize_shorter, to_float
 
 
@@ -69,7 +70,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
         self.per_rank = n // world_size
         if self.per_rank == 0:
-            raise ValueError(f"{n} images cannot be split over {world_size} workers; use more images or fewer workers")
+            raise ConfigError(f"{n} images cannot be split over {world_size} workers; use more images or fewer workers")
 
     def __len__(self) -> int:
         return self.per_rank - self.start

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextscale import storage
+from nextscale.tokenize.convert import CheckpointMismatch
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Perceptual(nn.Module):
         feats = {k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")}
         missing = features.load_state_dict(feats, strict=False).missing_keys
         if missing:
-            raise ValueError(f"{weights_url} lacks VGG16 key features.{missing[0]}; pass torchvision vgg16 weights")
+            raise CheckpointMismatch(f"{weights_url} lacks VGG16 key features.{missing[0]}; pass torchvision vgg16 weights")
         self.slices = nn.ModuleList(
             features[a:b] for a, b in zip((0,) + self.LAYER_ENDS[:-1], self.LAYER_ENDS)
         )

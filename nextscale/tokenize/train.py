@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from nextscale import checkpoint, progress, storage
-from nextscale.config import dump_yaml, to_dict
+from nextscale.config import ConfigError, dump_yaml, to_dict
 from nextscale.images import accepted_images, list_image_folder
 from nextscale.logs import Trackers, write_metrics
 from nextscale.runtime import Pictures, TrainContext, no_pictures
@@ -133,8 +133,8 @@ class TokenizerTrainer:
         sampler_len = len(self.train_ds) // ctx.world_size
         self.batches_per_epoch = sampler_len // cfg.data.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the {sampler_len} training images per "
-                             "worker; lower data.batch_size or add images")
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {sampler_len} training images per "
+                              "worker; lower data.batch_size or add images")
 
         self.restart_gen = torch.Generator().manual_seed(cfg.seed + 7)
         components = {"ema": self.ema, "restart_gen": checkpoint.GeneratorState(self.restart_gen)}
