@@ -16,8 +16,8 @@ CLUSTER_STAMP := $(VENV)/.installed-cluster
 export WANDB_DIR ?= $(CURDIR)/runs/wandb
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: docs install test demo demo-data tokenize train-tokenizer train-prior sample fid bench lint clean \
-        gpu-check gpu-check-prepare rehearse-scale \
+.PHONY: docs install test test-other-cpu-path noise-floor demo demo-data tokenize train-tokenizer train-prior sample fid \
+        bench lint clean gpu-check gpu-check-prepare rehearse-scale \
         submit-tokenize submit-train-prior submit-fid
 
 install: $(STAMP)
@@ -42,6 +42,21 @@ $(CLUSTER_STAMP): $(STAMP)
 
 test: $(DEV_STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,$(MAKE) test-other-cpu-path)
+
+# The numeric tests once more on another CPU code path (tests/tolerances.py): MKL's AVX2 kernels on an
+# AVX-512 machine, its conservative path elsewhere, ATen's and oneDNN's baseline ISA. A tolerance tuned to
+# one machine's kernels fails here before it fails on the next CPU.
+OTHER_CPU_PATH ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	|| echo MKL_CBWR=COMPATIBLE) ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41
+NUMERIC_TESTS ?= tests/test_prior_golden.py tests/test_mvar_golden.py tests/test_tokenizer_golden.py \
+	tests/test_mamba2.py tests/test_levers.py
+test-other-cpu-path: $(DEV_STAMP)
+	$(OTHER_CPU_PATH) WANDB_MODE=disabled $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
+
+# the float32 noise floors behind tests/tolerances.py, on every CPU path this machine reaches
+noise-floor: $(DEV_STAMP)
+	$(BIN)/python tests/noise_floor.py --paths
 
 demo: $(STAMP)
 	$(NS) demo $(CONFIG) $(ARGS)

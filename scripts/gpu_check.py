@@ -76,7 +76,11 @@ def golden_parity(device: torch.device) -> dict:
             kept = torch.isfinite(ref)
             out[f"sample_logits_{kind}_same_tokens_kept"] = bool(torch.equal(torch.isfinite(got), kept))
             out[f"sample_logits_{kind}_max_abs"] = float((got[kept] - ref[kept]).abs().max())
-    tol = 1e-5 if device.type == "cpu" else 1e-4
+    from tolerances import VAR_TOL
+
+    from nextscale.levers import KERNEL_TOL
+
+    tol = VAR_TOL if device.type == "cpu" else max(VAR_TOL, KERNEL_TOL)
     out["tol"] = tol
     out["ok"] = (out["vqvae_index_agreement"] == 1.0 and all(v <= tol for k, v in out.items() if k.endswith("max_abs"))
                  and all(v for k, v in out.items() if k.endswith("tokens_kept")))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_flex_attention_forward_equals_sdpa_and_its_mask_is_built_once():
     out = levers.check_flex("cpu", preset="debug")
-    assert out["tol"] == 1e-5 and out["logits"] <= 1e-5 and out["ok"]
+    assert out["tol"] == levers.FP32_TOL and out["logits"] <= levers.FP32_TOL and out["ok"]
     pn = (1, 2, 3, 4, 5, 6, 8, 10, 13)
     assert cached_block_mask(VAR.attends, pn, 424, "cpu") is cached_block_mask(VAR.attends, pn, 424, "cpu")
     # 128-blocks of a 424-token pyramid: query block 0 (scales 0-6) never sees key blocks 2-3 (scale 8)
@@ -38,19 +38,19 @@ def test_chunked_cross_entropy_equals_full_logits(chunk):
     ref_grads = torch.autograd.grad(ref, [h_NC, head.weight, head.bias])
     loss, pred_N = head_cross_entropy(head, h_NC, target_N, chunk=chunk, label_smoothing=0.1)
     grads = torch.autograd.grad(loss, [h_NC, head.weight, head.bias])
-    assert abs(float(loss.detach() - ref.detach())) <= 1e-6
-    assert all(torch.allclose(g, r, rtol=1e-5, atol=1e-7) for g, r in zip(grads, ref_grads))
+    assert abs(float(loss.detach() - ref.detach())) <= levers.FP32_TOL
+    assert all(float((g - r).abs().max() / r.abs().max()) <= levers.FP32_TOL for g, r in zip(grads, ref_grads))
     assert torch.equal(pred_N, head(h_NC).argmax(-1))
 
 
 def test_chunked_loss_in_the_training_step_equals_the_plain_step():
     out = levers.check_chunked_ce("cpu")
-    assert out["tol"] == 1e-5 and out["predictions_equal"] and out["ok"], out
+    assert out["tol"] == levers.FP32_TOL and out["predictions_equal"] and out["ok"], out
 
 
 def test_static_kv_cache_sampler_gives_todays_tokens():
     out = levers.check_static_cache("cpu")
-    assert out["tokens_equal"] and out["raw_logits"] <= 1e-5 and out["ok"], out
+    assert out["tokens_equal"] and out["raw_logits"] <= levers.FP32_TOL and out["ok"], out
 
 
 def test_prefetcher_hands_out_the_same_batches_and_the_consumed_position():
@@ -59,7 +59,7 @@ def test_prefetcher_hands_out_the_same_batches_and_the_consumed_position():
 
 def test_compiled_training_step_equals_eager():
     out = levers.check_compile("cpu")
-    assert out["tol"] == 1e-4 and out["logits"] <= 1e-4 and out["grads_rel"] <= 1e-4, out
+    assert out["tol"] == levers.KERNEL_TOL and out["logits"] <= out["tol"] and out["grads_rel"] <= out["tol"], out
 
 
 @pytest.mark.parametrize("which", ["golden_tiny", "demo"])

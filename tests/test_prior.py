@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import REORDER_TOL
 
 from nextscale.prior.convert import CheckpointMismatch, load_official_var, to_official_state_dict
 from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
@@ -178,7 +179,7 @@ def test_prefix_of_scales_equals_the_full_forward(debug_var):
     with torch.no_grad():
         full = debug_var(label_B, x_BlCv)
         prefix = debug_var(label_B, x_BlCv[:, :4])  # scales (1, 2): 5 positions
-    assert torch.allclose(prefix, full[:, :5], atol=1e-6)
+    assert torch.allclose(prefix, full[:, :5], atol=REORDER_TOL)
     with pytest.raises(ValueError, match="end of a scale"):
         debug_var(label_B, x_BlCv[:, :3])
 
@@ -200,7 +201,7 @@ def test_flex_attention_matches_sdpa(debug_var):
     var.load_state_dict(debug_var.state_dict())
     label_B, x_BlCv = random_input(var)
     with torch.no_grad():
-        assert torch.allclose(var(label_B, x_BlCv), debug_var(label_B, x_BlCv), atol=1e-5)
+        assert torch.allclose(var(label_B, x_BlCv), debug_var(label_B, x_BlCv), atol=REORDER_TOL)
 
 
 def test_bf16_autocast_gives_float32_logits_close_to_fp32(debug_var):
@@ -228,12 +229,12 @@ def test_cached_sampling_equals_teacher_forcing_on_the_sampled_tokens(debug_var)
     with torch.no_grad():
         cond = var(label_B, x_BlCv)
         null = var(torch.full_like(label_B, var.num_classes), x_BlCv)
-    assert torch.allclose(raw_2BLV[:2], cond, atol=1e-5)
-    assert torch.allclose(raw_2BLV[2:], null, atol=1e-5)
+    assert torch.allclose(raw_2BLV[:2], cond, atol=REORDER_TOL)
+    assert torch.allclose(raw_2BLV[2:], null, atol=REORDER_TOL)
     # guidance ramps from 0 at the first scale to cfg at the last: (1 + t) cond - t null
     guided = torch.cat(record["logits_guided"], dim=1)
-    assert torch.allclose(guided[:, :1], cond[:, :1], atol=1e-5)
-    assert torch.allclose(guided[:, 5:], 3 * cond[:, 5:] - 2 * null[:, 5:], atol=1e-4)
+    assert torch.allclose(guided[:, :1], cond[:, :1], atol=REORDER_TOL)
+    assert torch.allclose(guided[:, 5:], 3 * cond[:, 5:] - 2 * null[:, 5:], atol=5 * REORDER_TOL)  # (1 + 2t) x the error, t = 2
 
 
 def test_filters_keep_top_k_and_the_nucleus(debug_var):

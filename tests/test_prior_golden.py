@@ -8,6 +8,7 @@ import golden_rule as gr
 import numpy as np
 import pytest
 import torch
+from tolerances import VAR_TOL, VQVAE_DECODE_TOL, token_margins
 
 from nextscale.prior.convert import load_official_var
 from nextscale.prior.sample import sample_codes
@@ -15,7 +16,7 @@ from nextscale.prior.var import block_causal_bias
 
 LABELS = torch.tensor([3, 7])
 NULL = torch.tensor([10, 10])
-TOL = 1e-5
+TOL = VAR_TOL  # tests/tolerances.py: 20x the largest float32 floor measured over CPU paths
 
 
 def official_tiny_state_dict() -> dict[str, torch.Tensor]:
@@ -110,7 +111,11 @@ def sampled(var, vqvae):
 
 
 def test_sampled_tokens_match_official(sampled):
-    codes, _ = sampled
+    codes, record = sampled
+    kw = gr.tiny_config()["sampling"]
+    margins = token_margins(record, codes, kw["g_seed"], kw["top_k"], kw["top_p"])
+    # no draw, top-k or top-p set is within the logits' tolerance of a tie: the tokens hold on every CPU
+    assert margins.pop("replay_equal") and min(margins.values()) > TOL, margins
     assert np.array_equal(codes.numpy(), gr.load("sample_idx_BL.npy"))
 
 
@@ -130,5 +135,5 @@ def test_sampled_image_matches_official(sampled, vqvae):
     with torch.no_grad():
         img = vqvae.fhat_to_img(record["f_hat"][0]).add(1).mul(0.5)
         decoded = vqvae.decode(codes).add(1).mul(0.5)  # the path FID takes: codes -> image
-    assert max_abs(img, "sample_img.npy") <= 2e-5
-    assert max_abs(decoded, "sample_img.npy") <= 2e-5
+    assert max_abs(img, "sample_img.npy") <= VQVAE_DECODE_TOL
+    assert max_abs(decoded, "sample_img.npy") <= VQVAE_DECODE_TOL

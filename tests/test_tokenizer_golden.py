@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from golden_rule import VQVAE_SEED_BASE, load, official_param_shapes, rule_state_dict, tiny_config
+from tolerances import VQVAE_DECODE_TOL, VQVAE_ENCODE_TOL, nearest_code_margins
 
 from nextscale.tokenize.convert import load_official_vqvae
 from nextscale.tokenize.scales import phi_index_table
@@ -19,14 +20,14 @@ def golden_vae():
     sd = rule_state_dict(official_param_shapes("vqvae"), VQVAE_SEED_BASE)
     vae = load_official_vqvae(sd, "golden_tiny")
     x = torch.from_numpy(load("input_images.npy"))
-    with torch.no_grad():
+    with torch.no_grad(), nearest_code_margins(vae.quantize) as margins:
         enc = vae.encoder(x)
         f = vae.quant_conv(enc)
         idx = vae.encode_scales(x)
         f_hats = vae.quantize.idx_to_fhat(idx)
         recs = [vae.fhat_to_img(fh) for fh in f_hats]
         tf = vae.quantize.teacher_forcing_input(idx)
-    yield dict(vae=vae, x=x, enc=enc, f=f, idx=idx, f_hats=f_hats, recs=recs, tf=tf)
+    yield dict(vae=vae, x=x, enc=enc, f=f, idx=idx, f_hats=f_hats, recs=recs, tf=tf, margins=margins)
     torch.set_num_threads(threads)
 
 
@@ -45,11 +46,13 @@ def test_preset_matches_official_tiny_constructor():
 
 
 def test_encoder_and_latent(golden_vae):
-    assert maxabs(golden_vae["enc"], load("vae_encoder_out.npy")) <= 1e-5
-    assert maxabs(golden_vae["f"], load("vae_f.npy")) <= 1e-5
+    assert maxabs(golden_vae["enc"], load("vae_encoder_out.npy")) <= VQVAE_ENCODE_TOL
+    assert maxabs(golden_vae["f"], load("vae_f.npy")) <= VQVAE_ENCODE_TOL
 
 
 def test_indices_identical(golden_vae):
+    # no code is within the latent's tolerance of a tie, so the same codes hold on every CPU
+    assert min(golden_vae["margins"]) > VQVAE_ENCODE_TOL, golden_vae["margins"]
     for si, idx in enumerate(golden_vae["idx"]):
         assert idx.dtype == torch.int64
         np.testing.assert_array_equal(idx.numpy(), load(f"vae_idx_s{si}.npy"))
@@ -58,18 +61,18 @@ def test_indices_identical(golden_vae):
 
 
 def test_fhat_and_reconstructions(golden_vae):
-    assert maxabs(torch.stack(golden_vae["f_hats"]), load("vae_fhat_scales.npy")) <= 2e-5
-    assert maxabs(torch.stack(golden_vae["recs"]), load("vae_rec_scales.npy")) <= 2e-5
+    assert maxabs(torch.stack(golden_vae["f_hats"]), load("vae_fhat_scales.npy")) <= VQVAE_DECODE_TOL
+    assert maxabs(torch.stack(golden_vae["recs"]), load("vae_rec_scales.npy")) <= VQVAE_DECODE_TOL
     codes = torch.from_numpy(load("vae_idx_BL.npy"))
-    assert maxabs(golden_vae["vae"].decode(codes), load("vae_rec.npy")) <= 2e-5
+    assert maxabs(golden_vae["vae"].decode(codes), load("vae_rec.npy")) <= VQVAE_DECODE_TOL
     # decoding the first k scales = the k-th partial reconstruction
-    assert maxabs(golden_vae["vae"].decode(codes, num_scales=2), load("vae_rec_scales.npy")[1]) <= 2e-5
-    assert maxabs(golden_vae["vae"].decode(codes[:, :5]), load("vae_rec_scales.npy")[1]) <= 2e-5
+    assert maxabs(golden_vae["vae"].decode(codes, num_scales=2), load("vae_rec_scales.npy")[1]) <= VQVAE_DECODE_TOL
+    assert maxabs(golden_vae["vae"].decode(codes[:, :5]), load("vae_rec_scales.npy")[1]) <= VQVAE_DECODE_TOL
 
 
 def test_teacher_forcing_input(golden_vae):
     assert golden_vae["tf"].dtype == torch.float32
-    assert maxabs(golden_vae["tf"], load("var_x_BLCv_wo_first_l.npy")) <= 1e-5
+    assert maxabs(golden_vae["tf"], load("var_x_BLCv_wo_first_l.npy")) <= VQVAE_ENCODE_TOL
 
 
 def test_autoregressive_input_rebuilds_fhat_and_teacher_forcing(golden_vae):
@@ -84,10 +87,10 @@ def test_autoregressive_input_rebuilds_fhat_and_teacher_forcing(golden_vae):
         for si, pn in enumerate(q.patch_nums):
             h = q.embedding(idx[si]).transpose(1, 2).reshape(B, Cv, pn, pn)
             f_hat, nxt = q.next_autoregressive_input(si, f_hat, h)
-            assert maxabs(f_hat, load("vae_fhat_scales.npy")[si]) <= 2e-5
+            assert maxabs(f_hat, load("vae_fhat_scales.npy")[si]) <= VQVAE_DECODE_TOL
             if si == len(q.patch_nums) - 1:
                 assert nxt is None
             else:
                 n = q.patch_nums[si + 1] ** 2
-                assert maxabs(nxt.flatten(2).transpose(1, 2), tf[:, begin:begin + n]) <= 1e-5
+                assert maxabs(nxt.flatten(2).transpose(1, 2), tf[:, begin:begin + n]) <= VQVAE_ENCODE_TOL
                 begin += n

@@ -420,7 +420,7 @@ class NextScalePrior(nn.Module):
                    head: bool = True) -> Tensor:
         """Blocks on tokens x (fp32 embeddings) in the autocast dtype if any, then the AdaLN head: fp32 logits
         (with ``head=False`` the head's fp32 input features (B, l, C) instead, for a chunked loss)."""
-        dtype = _autocast_dtype(x_BlC.device.type)
+        dtype = _autocast_dtype(x_BlC)
         x_BlC = x_BlC.to(dtype)
         cond = self.modulation(cond_BD).to(dtype)
         attn_bias = None if attn_bias is None else attn_bias.to(dtype)
@@ -498,10 +498,11 @@ class NextScalePrior(nn.Module):
         return x_BLC, cond_BD
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.float32
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on, else ``x``'s own (float32; float64 when measuring noise floors)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 # ------------------------------------------------------------------------------------------------
