@@ -38,7 +38,7 @@ def test_a_training_stage_prints_its_progress_and_result_and_nothing_else(tmp_pa
         [sys.executable, "-m", "nextscale.cli", "train-prior", f"data.url={codes}", "data.batch_size=8",
          "model.preset=golden_tiny", f"steps={STEPS}", f"log_every={LOG_EVERY}", f"ckpt_every={CKPT_EVERY}", "sample_every=3",
          "output=prior", "workers.count=2", "ray.num_cpus=2"],
-        capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+        capture_output=True, text=True, env=env, timeout=560, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     # every line is one of ours (a worker's behind Ray's prefix): Ray's chatter and any warning would show here

@@ -53,6 +53,9 @@ def init_ray(cfg: RayConfig) -> None:
     """
     if ray.is_initialized():
         return
+    # Ray Data has a logger of its own: set here in this process, from this variable in its workers (a user's wins)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", logging.getLevelName(RAY_LOG_LEVEL))
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and not is_secret(k)}
     runtime_env: dict = {"env_vars": env}
     if not os.environ.get("NEXTSCALE_IN_RAY_JOB"):

@@ -87,7 +87,9 @@ class Extractor:
         self.batch_size, self.keep_images, self.store = batch_size, keep_images, store
 
     def _features(self, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        f = feature_lib.extract(self.extractor, torch.from_numpy(np.ascontiguousarray(images_NHWC)), self.batch_size)
+        # Ray hands batches over read-only (zero copy), torch wants a writable array: a copy only then
+        images_NHWC = np.require(images_NHWC, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+        f = feature_lib.extract(self.extractor, torch.from_numpy(images_NHWC), self.batch_size)
         return f["pool"].numpy(), None if f["logits"] is None else f["logits"].numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
