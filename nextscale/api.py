@@ -19,20 +19,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-from nextscale.pretrained import from_pretrained, is_pretrained, save_pretrained
-from nextscale.prior.families import PRESETS, build_prior
+from nextscale import pretrained
+from nextscale.config import to_dict
+from nextscale.devices import pick_device
+from nextscale.eval.config import SamplingConfig
+from nextscale.eval.features import to_uint8
+from nextscale.eval.generate import sample_batch, seeded_generator
+from nextscale.images import make_views, to_float, to_rgb
+from nextscale.prior import loader as prior_loader
 from nextscale.prior.model import NextScalePrior
+from nextscale.tokenize import loader as tokenizer_loader
 from nextscale.tokenize.vqvae import VQVAE
 
 __all__ = ["load_tokenizer", "load_prior", "sample", "encode", "decode", "save_pretrained", "from_pretrained"]
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_tokenizer(source: str, preset: str = "vae_ch160v4096z32", *, seed: int = 0,
@@ -44,33 +45,40 @@ def load_tokenizer(source: str, preset: str = "vae_ch160v4096z32", *, seed: int 
     - a ``tokenizer.pt`` from ``nextscale train-tokenizer``, or a folder from :func:`save_pretrained`;
     - a preset name: seeded random weights (tests, trying the API offline).
     """
-    from nextscale.tokenize.convert import load_tokenizer as load_tokenizer_file
-
-    if is_pretrained(source):
-        model = from_pretrained(source, "vqvae")
-    else:
-        model, _ = load_tokenizer_file(source, preset=preset, seed=seed)
-    return model.to(_device(device))
+    return tokenizer_loader.load_tokenizer(source, preset=preset, seed=seed, device=pick_device(device or "auto"))[0]
 
 
 def load_prior(source: str, preset: str | None = None, *, seed: int = 0,
                device: str | torch.device | None = None) -> NextScalePrior:
-    """A VAR prior in eval mode on ``device`` (default: CUDA when available) from
+    """A prior (VAR, M-VAR, ...) in eval mode on ``device`` (default: CUDA when available) from
 
     - an official ``.pth`` (e.g. ``hf://FoundationVision/var/var_d16.pth``); ``preset`` None picks the preset
-      whose depth and width the file has (d16, d20, d24, d30, d36);
+      whose family, depth and width the file has (d16, d20, d24, d30, d36, mvar_d16, ...);
     - a ``prior.pt`` from ``nextscale train-prior``, or a folder from :func:`save_pretrained`;
     - a preset name: seeded random weights (tests, trying the API offline).
     """
-    from nextscale.prior.convert import load_prior as load_prior_file
+    return prior_loader.load_prior(source, preset, seed=seed, device=pick_device(device or "auto"))[0]
 
-    if source in PRESETS and not is_pretrained(source):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_prior(source).eval().requires_grad_(False)
+
+def save_pretrained(model: nn.Module, url: str) -> None:
+    """Write a prior or tokenizer as ``url/config.json`` + ``url/model.safetensors`` (a local folder, ``s3://``,
+    ``gs://``, ``hf://<user>/<repo>``); :func:`from_pretrained` and both loaders read it back bitwise."""
+    if isinstance(model, NextScalePrior):
+        kind = "var"
+    elif isinstance(model, VQVAE):
+        kind = "vqvae"
     else:
-        model = load_prior_file(source, preset)
-    return model.to(_device(device))
+        raise TypeError(f"save_pretrained takes a nextscale prior or VQVAE, not {type(model).__name__}")
+    pretrained.write_folder(url, kind, to_dict(model.cfg), model.state_dict())
+
+
+def from_pretrained(url: str, kind: str = "") -> nn.Module:
+    """The model saved at ``url`` by :func:`save_pretrained` (eval mode, gradients off, on the CPU); ``kind``
+    ("var" | "vqvae") refuses the other."""
+    kind = kind or pretrained.read_config(url)["model"]
+    if kind == "var":
+        return prior_loader.load_prior(url)[0]
+    return tokenizer_loader.load_tokenizer(url)[0]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -92,9 +100,6 @@ def sample(prior: NextScalePrior, tokenizer: VQVAE, classes: Sequence[int] | Ten
     Batch b of ``batch_size`` classes draws from a generator seeded by (seed, b) alone: the same call gives
     the same images on the same device.
     """
-    from nextscale.eval.config import SamplingConfig
-    from nextscale.eval.generate import sample_batch, seeded_generator
-
     device = prior.pos_start.device
     labels = torch.as_tensor(classes, dtype=torch.long).view(-1)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > prior.num_classes):
@@ -112,8 +117,6 @@ def sample(prior: NextScalePrior, tokenizer: VQVAE, classes: Sequence[int] | Ten
 
 def _as_batch(tokenizer: VQVAE, images: Image.Image | Sequence[Image.Image] | Tensor | np.ndarray) -> Tensor:
     """Images -> float (B, 3, S, S) in [-1, 1] on the tokenizer's device."""
-    from nextscale.images import make_views, to_float, to_rgb
-
     s = tokenizer.cfg.image_size
     if isinstance(images, Image.Image):
         images = [images]
@@ -140,8 +143,6 @@ def encode(tokenizer: VQVAE, images: Image.Image | Sequence[Image.Image] | Tenso
 @torch.no_grad()
 def decode(tokenizer: VQVAE, codes_BL: Tensor, *, pil: bool = True) -> list[Image.Image] | Tensor:
     """Images of codes (B, L): PIL images, or with ``pil=False`` a uint8 tensor (B, 3, H, W)."""
-    from nextscale.eval.features import to_uint8
-
     codes_BL = torch.as_tensor(codes_BL, device=_model_device(tokenizer)).long()
     if codes_BL.ndim != 2 or codes_BL.shape[1] != tokenizer.cfg.num_tokens:
         raise ValueError(f"codes must be (B, {tokenizer.cfg.num_tokens}) for this tokenizer, got {tuple(codes_BL.shape)}")

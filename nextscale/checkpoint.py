@@ -32,7 +32,7 @@ import os
 import pickle
 import random
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -338,6 +338,40 @@ def load_file(path: str, data: bytes | None = None) -> dict[str, Any]:
             f"refusing to load {path}: it holds objects a nextscale checkpoint never holds"
             f"{f' ({unsafe})' if unsafe else ''} and loading them could run code; it was not written by "
             "nextscale: delete it (and check who can write to this location)") from None
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A state dict does not fit the requested architecture, or a file is no checkpoint; the message names it."""
+
+
+def read_checkpoint(data: bytes, name: str) -> object:
+    """A model file's content (``torch.save``d: nextscale's tokenizer.pt / prior.pt, an official release file)
+    read by :func:`load_file` (``weights_only=True``; a pickle that could run code is refused); bytes that are
+    no checkpoint at all are a CheckpointMismatch naming ``name`` (torch's own messages are not passed on: some
+    suggest unpickling code)."""
+    try:
+        return load_file(name, data)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load on foreign bytes raises many types; all mean "not a checkpoint"
+        if not data or isinstance(e, EOFError):
+            why = "it is empty or truncated"
+        elif "PytorchStreamReader" in str(e):
+            why = "its archive is damaged or truncated"
+        else:
+            why = f"it is not a PyTorch checkpoint ({type(e).__name__} while reading it)"
+        raise CheckpointMismatch(f"cannot load {name}: {why}; give a checkpoint written by nextscale or an "
+                                 "official VAR release file") from None
+
+
+def state_dict_in(obj: object, what: str) -> dict[str, torch.Tensor]:
+    """The state dict a model file holds: a bare one, or one under "state_dict" / "model"."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatch(f"{what} does not hold a state dict (got {type(obj).__name__})")
+    return dict(obj)
 
 
 def write(directory: str, payload: dict[str, Any], other_files: dict[str, dict] | None = None) -> None:

@@ -46,9 +46,9 @@ def golden_parity(device: torch.device) -> dict:
     from test_prior_golden import official_tiny_state_dict
 
     from nextscale.levers import exact_fp32
-    from nextscale.prior.convert import load_official_var
+    from nextscale.prior.loader import load_official_var
     from nextscale.prior.sample import sample_codes
-    from nextscale.tokenize.convert import load_official_vqvae
+    from nextscale.tokenize.loader import load_official_vqvae
 
     out: dict = {}
     with exact_fp32(), torch.no_grad():
@@ -91,7 +91,7 @@ def lever_numerics(device: torch.device, tokenizer_images: Path | None) -> dict:
     import golden_rule as gr
 
     from nextscale import levers
-    from nextscale.tokenize.convert import load_official_vqvae
+    from nextscale.tokenize.loader import load_official_vqvae
     from nextscale.tokenize.vqvae import build_vqvae
 
     out = {"flex": levers.check_flex(device), "compile": levers.check_compile(device),

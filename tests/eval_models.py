@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from nextscale.config import to_dict
-from nextscale.prior.convert import to_official_state_dict
 from nextscale.prior.families import build_prior
+from nextscale.prior.loader import to_official_state_dict
 from nextscale.prior.model import VARConfig
-from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.loader import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
 # pairs with the "demo" VQVAE (32 px, V=512, Cv=16, 6 scales, L=130) at the smallest transformer size

@@ -28,9 +28,9 @@ import test_prior_golden  # noqa: E402
 from tolerances import float64, nearest_code_margins, token_margins  # noqa: E402
 
 from nextscale.levers import tiny_var  # noqa: E402
-from nextscale.prior.convert import load_official_var  # noqa: E402
+from nextscale.prior.loader import load_official_var  # noqa: E402
 from nextscale.prior.sample import sample_codes  # noqa: E402
-from nextscale.tokenize.convert import load_official_vqvae  # noqa: E402
+from nextscale.tokenize.loader import load_official_vqvae  # noqa: E402
 from nextscale.tokenize.scales import split_codes  # noqa: E402
 
 PATHS = {  # environment of each CPU code path reachable without another machine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nextscale.codes import write_synthetic_shards
-from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.loader import load_tokenizer
 
 
 def write_codes(out: str, tokenizer_url: str, *, num_samples: int, views: int, seed: int,

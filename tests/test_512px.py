@@ -12,7 +12,7 @@ from golden_rule import GOLDEN
 from nextscale.config import load_config
 from nextscale.eval.config import FidConfig
 from nextscale.prior.families import build_prior
-from nextscale.tokenize.convert import check_state_dict
+from nextscale.tokenize.loader import check_state_dict
 from nextscale.tokenize.vqvae import build_vqvae
 
 

@@ -12,10 +12,10 @@ from prior_codes import write_codes
 
 from nextscale.config import ConfigError, load_config
 from nextscale.prior.config import PriorTrainConfig
-from nextscale.prior.convert import load_prior
 from nextscale.prior.engine import active_scales, train_prior
+from nextscale.prior.loader import load_prior
 from nextscale.runtime import LocalContext
-from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.loader import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +73,7 @@ def test_tiny_model_overfits_a_tiny_dataset(tmp_path):
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
     assert rows[-1]["acc_last"] > rows[0]["acc_last"]
     assert summary["steps"] == summary["steps_trained"] == 60
-    model = load_prior(summary["prior_url"])
+    model, _ = load_prior(summary["prior_url"])
     assert model.cfg.vocab_size == 64 and model.cfg.patch_nums == (1, 2, 3, 4)  # taken from the tokenizer
 
 
@@ -136,7 +136,7 @@ def test_checkpoint_is_complete(codes, tmp_path):
     assert set(state) >= {"model", "optimizer", "scaler", "batches", "rng", "history", "config", "var_config",
                           "tokenizer"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
-    params = dict(load_prior(os.path.join(tmp_path, "prior.pt")).named_parameters())
+    params = dict(load_prior(os.path.join(tmp_path, "prior.pt"))[0].named_parameters())
     assert len(state["optimizer"]["state"]) == len(params) and set(params) < set(state["model"])
     assert state["config"]["output"] == str(tmp_path) and state["rng"][0]["torch"].dtype == torch.uint8
     assert state["batches"][0]["epoch"] == 0 and state["batches"][0]["loader"]
@@ -213,7 +213,7 @@ def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):
     first = run_prior(cfg)
     assert (first["steps"], first["steps_trained"]) == (4, 4)
     assert storage.listdir(f"{s3_bucket}/prior/checkpoints") == ["step-00000002", "step-00000004"]
-    assert load_prior(f"{s3_bucket}/prior/prior.pt").cfg.vocab_size == 64
+    assert load_prior(f"{s3_bucket}/prior/prior.pt")[0].cfg.vocab_size == 64
     rows = [json.loads(line) for line in storage.read_text(f"{s3_bucket}/prior/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     again = run_prior(cfg)
@@ -223,7 +223,7 @@ def test_run_prior_in_process_on_object_storage(s3_bucket, tmp_path):
 def test_mvar_trains_resumes_bit_for_bit_and_samples(codes, tmp_path):
     from nextscale.prior.mvar import MVAR
     from nextscale.prior.sample import sample_codes
-    from nextscale.tokenize.convert import load_tokenizer
+    from nextscale.tokenize.loader import load_tokenizer
 
     extra = ("model.preset=mvar_golden_tiny", "steps=4", "ckpt_every=2", "optim.lr=3e-3", "optim.warmup_steps=2",
              "model.overrides.drop_path_rate=0.1")  # condition dropout + drop path: the RNG must resume too
@@ -238,7 +238,7 @@ def test_mvar_trains_resumes_bit_for_bit_and_samples(codes, tmp_path):
     wr, wc = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
     assert any(".mamba." in k for k in wr) and all(torch.equal(wr[k], wc[k]) for k in wr)
 
-    mvar = load_prior(os.path.join(tmp_path, "cut", "prior.pt"))
+    mvar, _ = load_prior(os.path.join(tmp_path, "cut", "prior.pt"))
     assert isinstance(mvar, MVAR) and mvar.cfg.arch == "mvar"
     quantizer = load_tokenizer(os.path.join(os.path.dirname(codes), "tokenizer.pt"))[0].quantize
     draws = [sample_codes(mvar, quantizer, torch.tensor([2, 5]), generator=torch.Generator().manual_seed(1))

@@ -17,8 +17,8 @@ from nextscale.eval.config import SampleConfig
 from nextscale.pipelines import sample, train
 from nextscale.prior import families
 from nextscale.prior.config import PriorTrainConfig
-from nextscale.prior.convert import CheckpointMismatch, load_official_var, load_prior, matching_preset
 from nextscale.prior.engine import train_prior
+from nextscale.prior.loader import CheckpointMismatch, load_official_var, load_prior, matching_preset
 from nextscale.prior.model import (
     FFN,
     ModelFamily,
@@ -30,7 +30,7 @@ from nextscale.prior.model import (
 )
 from nextscale.prior.sample import sample_codes
 from nextscale.runtime import LocalContext
-from nextscale.tokenize.convert import load_tokenizer, save_tokenizer
+from nextscale.tokenize.loader import load_tokenizer, save_tokenizer
 from nextscale.tokenize.scales import split_codes
 from nextscale.tokenize.vqvae import build_vqvae
 
@@ -133,7 +133,7 @@ def test_a_toy_family_goes_through_every_stage(toy_family, tmp_path):
         train_prior(cfg("resumed"), CrashAfterFirstCheckpoint(str(tmp_path / "resumed")))
     resumed = train.run_prior(cfg("resumed"))
     assert (straight["steps"], resumed["steps_trained"]) == (2, 1)
-    prior, prior_again = load_prior(straight["prior_url"]), load_prior(resumed["prior_url"])
+    (prior, _), (prior_again, _) = load_prior(straight["prior_url"]), load_prior(resumed["prior_url"])
     assert isinstance(prior, Toy) and all(torch.equal(a, b) for a, b in zip(prior.state_dict().values(),
                                                                               prior_again.state_dict().values()))
     # FLOPs (and so MFU) are the family's own

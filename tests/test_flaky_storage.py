@@ -72,7 +72,7 @@ def test_train_prior_on_a_flaky_object_store_equals_an_undisturbed_run(s3_server
     from nextscale.prior.config import PriorTrainConfig
     from nextscale.prior.engine import train_prior
     from nextscale.runtime import LocalContext
-    from nextscale.tokenize.convert import save_tokenizer
+    from nextscale.tokenize.loader import save_tokenizer
     from nextscale.tokenize.vqvae import build_vqvae
 
     torch.manual_seed(0)

@@ -13,9 +13,9 @@ import torch
 from fake_hub import REGISTRY, FakeHub
 
 from nextscale import storage
-from nextscale.prior.convert import load_prior
 from nextscale.prior.families import build_prior
-from nextscale.tokenize.convert import load_tokenizer
+from nextscale.prior.loader import load_prior
+from nextscale.tokenize.loader import load_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
 hub = fake_hub.hub
@@ -34,7 +34,7 @@ def test_official_weights_load_from_hf_urls_and_are_downloaded_once(hub):
 
     got = load_tokenizer("hf://FoundationVision/var/vae_tiny.pth", preset="golden_tiny")[0].state_dict()
     assert all(torch.equal(v, got[k]) for k, v in vae.state_dict().items())
-    prior = load_prior("hf://FoundationVision/var/var_tiny.pth", "golden_tiny").state_dict()
+    prior = load_prior("hf://FoundationVision/var/var_tiny.pth", "golden_tiny")[0].state_dict()
     assert all(torch.equal(v, prior[k]) for k, v in var.state_dict().items())
 
     # eight concurrent readers (the actors of one node) share one download; later reads hit the cache

@@ -13,7 +13,7 @@ from nextscale import levers
 from nextscale.prior.loss import head_cross_entropy
 from nextscale.prior.model import cached_block_mask
 from nextscale.prior.var import VAR
-from nextscale.tokenize.convert import load_official_vqvae
+from nextscale.tokenize.loader import load_official_vqvae
 from nextscale.tokenize.vqvae import build_vqvae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

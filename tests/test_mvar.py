@@ -11,8 +11,8 @@ import torch
 from golden_rule import GOLDEN_MVAR
 from tolerances import MVAR_TOL, REORDER_TOL
 
-from nextscale.prior.convert import CheckpointMismatch, load_official_var
 from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
+from nextscale.prior.loader import CheckpointMismatch, load_official_var
 from nextscale.prior.model import VARConfig
 from nextscale.prior.mvar import MVAR, IntraScaleAttention
 from nextscale.prior.sample import sample_codes

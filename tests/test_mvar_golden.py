@@ -16,8 +16,8 @@ import pytest
 import torch
 from tolerances import MVAR_TOL, VQVAE_DECODE_TOL, token_margins
 
-from nextscale.prior.convert import load_official_var
 from nextscale.prior.families import PRESETS
+from nextscale.prior.loader import load_official_var
 from nextscale.prior.sample import sample_codes
 
 LABELS = torch.tensor([3, 7])
@@ -102,7 +102,7 @@ def test_mask_buffer_is_the_official_block_diagonal(mvar):
 
 @pytest.fixture(scope="module")
 def vqvae():
-    from nextscale.tokenize.convert import load_official_vqvae
+    from nextscale.tokenize.loader import load_official_vqvae
 
     return load_official_vqvae(gr.rule_state_dict(gr.official_param_shapes("vqvae"), gr.VQVAE_SEED_BASE),
                                "golden_tiny")

@@ -82,7 +82,7 @@ def test_checkpoint_errors_are_clear(tiny, tmp_path):
     prior, _, _, _ = tiny
     with pytest.raises(FileNotFoundError, match="train-prior"):
         load_prior(str(tmp_path / "absent.pt"))
-    from nextscale.tokenize.convert import save_tokenizer
+    from nextscale.tokenize.loader import save_tokenizer
     from nextscale.tokenize.vqvae import build_vqvae
 
     save_tokenizer(build_vqvae("golden_tiny"), str(tmp_path / "other.pt"))

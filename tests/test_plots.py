@@ -21,7 +21,7 @@ from nextscale.prior.config import PriorTrainConfig
 from nextscale.prior.engine import train_prior
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.config import TokenizerTrainConfig
-from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.loader import save_tokenizer
 from nextscale.tokenize.train import train_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 

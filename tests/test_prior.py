@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from tolerances import REORDER_TOL
 
-from nextscale.prior.convert import CheckpointMismatch, load_official_var, to_official_state_dict
 from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
+from nextscale.prior.loader import CheckpointMismatch, load_official_var, to_official_state_dict
 from nextscale.prior.sample import known_mask_from_pixels, sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tolerances import VAR_TOL, VQVAE_DECODE_TOL, token_margins
 
-from nextscale.prior.convert import load_official_var
+from nextscale.prior.loader import load_official_var
 from nextscale.prior.sample import sample_codes
 from nextscale.prior.var import block_causal_bias
 
@@ -94,7 +94,7 @@ def test_eval_mode_never_drops_labels(var):
 
 @pytest.fixture(scope="module")
 def vqvae():
-    from nextscale.tokenize.convert import load_official_vqvae
+    from nextscale.tokenize.loader import load_official_vqvae
 
     return load_official_vqvae(gr.rule_state_dict(gr.official_param_shapes("vqvae"), gr.VQVAE_SEED_BASE),
                                "golden_tiny")

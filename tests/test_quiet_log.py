@@ -18,7 +18,7 @@ import torch
 from prior_codes import write_codes
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.loader import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
 STEPS, LOG_EVERY, CKPT_EVERY = 6, 2, 3

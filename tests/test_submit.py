@@ -248,7 +248,7 @@ def test_tokenize_train_fid_chain_through_the_job_api_attach_and_resume(cluster_
     resubmitting a finished one starts a new attempt that resumes from the stage's output."""
     import torch
 
-    from nextscale.tokenize.convert import save_tokenizer
+    from nextscale.tokenize.loader import save_tokenizer
     from nextscale.tokenize.vqvae import build_vqvae
 
     b = s3_bucket

@@ -18,7 +18,8 @@ from nextscale.config import ConfigError, load_config, to_dict
 from nextscale.images import accepted_images, list_image_folder
 from nextscale.runtime import LocalContext
 from nextscale.tokenize.config import TokenizerTrainConfig
-from nextscale.tokenize.convert import (
+from nextscale.tokenize.data import ImageFolderDataset
+from nextscale.tokenize.loader import (
     CheckpointMismatch,
     check_state_dict,
     load_official_vqvae,
@@ -26,7 +27,6 @@ from nextscale.tokenize.convert import (
     save_tokenizer,
     weights_sha256,
 )
-from nextscale.tokenize.data import ImageFolderDataset
 from nextscale.tokenize.metrics import evaluate_reconstruction, index_agreement
 from nextscale.tokenize.scales import num_tokens, phi_index_table, scale_slices, split_codes
 from nextscale.tokenize.train import train_tokenizer

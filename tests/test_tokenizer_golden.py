@@ -8,7 +8,7 @@ import torch
 from golden_rule import VQVAE_SEED_BASE, load, official_param_shapes, rule_state_dict, tiny_config
 from tolerances import VQVAE_DECODE_TOL, VQVAE_ENCODE_TOL, nearest_code_margins
 
-from nextscale.tokenize.convert import load_official_vqvae
+from nextscale.tokenize.loader import load_official_vqvae
 from nextscale.tokenize.scales import phi_index_table
 from nextscale.tokenize.vqvae import VQVAE_PRESETS
 

@@ -18,7 +18,7 @@ from prior_codes import write_codes
 
 from nextscale.config import load_config
 from nextscale.prior.config import PriorTrainConfig
-from nextscale.tokenize.convert import save_tokenizer
+from nextscale.tokenize.loader import save_tokenizer
 from nextscale.tokenize.vqvae import build_vqvae
 
 STEPS, CKPT_EVERY, KILL_AT = 8, 3, 3

@@ -107,7 +107,7 @@ def made(tmp_path_factory) -> Path:
     import torch
     from prior_codes import write_codes
 
-    from nextscale.tokenize.convert import save_tokenizer
+    from nextscale.tokenize.loader import save_tokenizer
     from nextscale.tokenize.vqvae import build_vqvae
 
     root = tmp_path_factory.mktemp("made")

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nextscale.checkpoint import CheckpointMismatch
 from nextscale.eval.config import ModelsConfig, SamplingConfig
 from nextscale.eval.features import to_uint8
-from nextscale.prior.convert import load_prior
+from nextscale.prior.loader import load_prior
 from nextscale.prior.model import NextScalePrior
 from nextscale.prior.sample import sample_codes
-from nextscale.tokenize.convert import CheckpointMismatch, load_tokenizer
+from nextscale.tokenize.loader import load_tokenizer
 from nextscale.tokenize.vqvae import VQVAE
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def load_models(cfg: ModelsConfig, device: str | torch.device = "cpu") -> tuple[NextScalePrior, VQVAE]:
     """The prior and tokenizer on ``device``, checked to fit each other."""
-    var = load_prior(cfg.prior_url, cfg.prior_preset)
+    var, _ = load_prior(cfg.prior_url, cfg.prior_preset)
     vqvae, _ = load_tokenizer(cfg.tokenizer_url, preset=cfg.tokenizer_preset)
     vc = vqvae.cfg
     if (tuple(vc.patch_nums), vc.vocab_size, vc.z_channels) != (var.patch_nums, var.V, var.Cv):

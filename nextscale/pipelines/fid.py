@@ -46,7 +46,7 @@ from nextscale.images import InputError, center_view, is_image_name, open_image,
 from nextscale.logs import WandbRun
 from nextscale.pipelines.common import init_ray
 from nextscale.progress import Progress
-from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from nextscale.images import (
 from nextscale.pipelines.common import init_ray
 from nextscale.progress import Progress
 from nextscale.tokenize import inputs
-from nextscale.tokenize.convert import load_tokenizer, read_tokenizer
 from nextscale.tokenize.job_config import TokenizeConfig
+from nextscale.tokenize.loader import load_tokenizer, read_tokenizer
 
 log = logging.getLogger(__name__)
 

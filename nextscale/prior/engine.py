@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -33,13 +31,14 @@ from nextscale.logs import Trackers, write_metrics
 from nextscale.prior.config import TOKENIZER_FIELDS, PriorTrainConfig
 from nextscale.prior.data import CodeLoader
 from nextscale.prior.families import FAMILIES, build_prior, flops_per_image, num_params
+from nextscale.prior.loader import save_prior
 from nextscale.prior.loss import head_cross_entropy
 from nextscale.prior.model import VARConfig
 from nextscale.prior.optim import build_optimizer
 from nextscale.prior.prefetch import DevicePrefetcher
 from nextscale.runtime import Pictures, TrainContext, no_pictures
 from nextscale.schedule import Schedule
-from nextscale.tokenize.convert import load_tokenizer, weights_sha256
+from nextscale.tokenize.loader import load_tokenizer, weights_sha256
 from nextscale.tokenize.scales import scale_slices, split_codes
 from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig
 
@@ -328,7 +327,7 @@ class PriorTrainer:
         }
         state_dict = checkpoint.full_model_state(self.model)  # every rank: a collective under FSDP
         if self.ctx.rank == 0:
-            save_prior(summary["prior_url"], self.var_cfg, state_dict, tokenizer=self.state.info["tokenizer"],
+            save_prior(self.model, summary["prior_url"], state_dict=state_dict, tokenizer=self.state.info["tokenizer"],
                        step=step)
             write_metrics(cfg.output, history)
             pictures.curves(history)
@@ -415,10 +414,3 @@ def _window_metrics(loss_sum: torch.Tensor, n: int, pred_Bl: torch.Tensor, codes
             vals = vals / world
         loss, a0, a1 = vals.tolist()
     return {"loss": loss, "acc_first": a0, "acc_last": a1}
-
-
-def save_prior(url: str, var_cfg: VARConfig, state_dict: dict, **extra: Any) -> None:
-    """``{"config": VARConfig as a dict, "state_dict": ...}`` (+ extra keys) written atomically to ``url``."""
-    buf = io.BytesIO()
-    torch.save({"config": to_dict(var_cfg), "state_dict": state_dict, **extra}, buf)
-    storage.write_bytes(url, buf.getvalue())

@@ -9,7 +9,7 @@ teacher-forcing front-end, incremental state for the sampler), the FLOPs of the 
 
 Module paths and buffer names equal the official state-dict names (``blocks.3.attn.mat_qkv.weight``,
 ``head_nm.ada_lin.1.bias``, ``attn_bias_for_masking``...), so an official ``var_d16.pth`` loads with a
-strict ``load_state_dict`` (see ``nextscale.prior.convert``) and produces the official logits.
+strict ``load_state_dict`` (see ``nextscale.prior.loader``) and produces the official logits.
 
 Deliberate difference from the official code: the condition dropout (label -> null class) fires only in
 ``train()`` mode; the official ``VAR.forward`` also drops labels in eval mode.

@@ -9,7 +9,7 @@ Each block runs three branches in sequence, each with its own AdaLN gate and res
 with (g1, g2, g3, s1, s2, s3, h1, h2, h3) = ada_lin(cond), the official chunk order. Everything else
 (embeddings, head, init, teacher-forcing front-end, sampler) is the shared
 :class:`~nextscale.prior.model.NextScalePrior`; module paths are the official state-dict names, so official
-checkpoints load strictly (``nextscale.prior.convert``).
+checkpoints load strictly (``nextscale.prior.loader``).
 
 Semantics follow the official code's training mode, which is what its sampler computes; nextscale
 does the same in eval mode. (The official eval-mode forward attends across all scales without a mask

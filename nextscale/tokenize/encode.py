@@ -1,7 +1,7 @@
 """The encoder of the pretokenizing job: uint8 views -> uint16 multi-scale codes, one tokenizer per process.
 
 :class:`CodeEncoder` is a plain callable class (Ray Data runs it in an actor pool, tests call it directly).
-The tokenizer is anything ``nextscale.tokenize.convert.load_tokenizer`` reads: a ``tokenizer.pt``, an
+The tokenizer is anything ``nextscale.tokenize.loader.load_tokenizer`` reads: a ``tokenizer.pt``, an
 official ``.pth`` (built as ``preset``), the raw bytes of either, or a preset name (seeded random weights).
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from nextscale.devices import pick_device
 from nextscale.images import to_float
-from nextscale.tokenize.convert import load_tokenizer
+from nextscale.tokenize.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
 

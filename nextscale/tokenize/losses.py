@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextscale import storage
-from nextscale.tokenize.convert import CheckpointMismatch
+from nextscale.checkpoint import CheckpointMismatch
 
 log = logging.getLogger(__name__)
 

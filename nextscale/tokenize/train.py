@@ -4,7 +4,7 @@ One step: reconstruction (L1 + L2 [+ perceptual]) + quantiser loss [+ adaptive-w
 loss once ``loss.disc_start`` is reached], AdamW with warm-up + cosine, gradient clipping, an EMA of
 the weights, optional re-seeding of dead codes. Checkpoints hold model, EMA, optimisers, step, RNG
 and config; the end of the run writes ``{output}/tokenizer.pt`` (EMA weights, see
-``nextscale.tokenize.convert.load_tokenizer``), ``{output}/tokenizer_eval.json`` and ``config.yaml``.
+``nextscale.tokenize.loader.load_tokenizer``), ``{output}/tokenizer_eval.json`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from nextscale.logs import Trackers, write_metrics
 from nextscale.runtime import Pictures, TrainContext, no_pictures
 from nextscale.schedule import Schedule
 from nextscale.tokenize.config import TokenizerTrainConfig
-from nextscale.tokenize.convert import load_tokenizer, save_tokenizer
 from nextscale.tokenize.data import EpochSampler, ImageFolderDataset
+from nextscale.tokenize.loader import load_tokenizer, save_tokenizer
 from nextscale.tokenize.losses import (
     PatchDiscriminator,
     Perceptual,

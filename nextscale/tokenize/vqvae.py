@@ -2,7 +2,7 @@
 
 Module paths equal the official state-dict names (``encoder.down.4.attn.0.qkv.weight``,
 ``quantize.quant_resi.qresi_ls.2.bias``...), so an official checkpoint loads with a plain strict
-``load_state_dict`` (see ``nextscale.tokenize.convert``).
+``load_state_dict`` (see ``nextscale.tokenize.loader``).
 
 Shape legend:
     B batch, C channels, H W image or feature height/width, Cv latent channels (z_channels),

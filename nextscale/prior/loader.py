@@ -1,4 +1,6 @@
-"""Official VAR and M-VAR checkpoints (``var_d16.pth`` ..., M-VAR's) -> nextscale, with strict key and shape checks.
+"""The prior loader: :func:`load_prior` (every stage's way to a trained prior) and :func:`save_prior`, the pair of
+``nextscale.tokenize.loader``'s ``load_tokenizer`` / ``save_tokenizer``; official VAR and M-VAR checkpoints
+(``var_d16.pth`` ..., M-VAR's) convert with strict key and shape checks.
 
 nextscale's VAR uses the official state-dict names, so conversion is a check, not a rename: every key
 the model expects must be present with the expected shape, and nothing may be left over. A wrong file
@@ -11,20 +13,22 @@ recomputed from the config. An M-VAR file given to a VAR preset (or the reverse)
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from nextscale import storage
+from nextscale import pretrained, storage
+from nextscale.checkpoint import CheckpointMismatch, read_checkpoint, state_dict_in
+from nextscale.config import to_dict
 from nextscale.errors import NotFound
 from nextscale.prior.families import PRESETS, build_prior, config_from_dict, family_of, family_of_state_dict
 from nextscale.prior.model import ModelFamily, NextScalePrior, VARConfig, level_index
-from nextscale.tokenize import convert as tokenizer_convert
-from nextscale.tokenize.convert import CheckpointMismatch, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,14 @@ def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
 def unwrap_state_dict(obj: object, what: str = "the checkpoint") -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("trainer"), Mapping) and "var_wo_ddp" in obj["trainer"]:
         obj = obj["trainer"]["var_wo_ddp"]
-    return tokenizer_convert.read_state_dict(what, obj)
+    return state_dict_in(obj, what)
 
 
 def _looks_like(state_dict: Mapping[str, Tensor]) -> str:
     """A hint naming the preset (or model kind) a state dict seems to be, or ''."""
     if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in state_dict):
         return ("this looks like a VQVAE checkpoint; load it with "
-                "nextscale.tokenize.convert.load_official_vqvae")
+                "nextscale.tokenize.loader.load_official_vqvae")
     signature = _signature(state_dict)
     if signature is None:
         return ""
@@ -140,14 +144,36 @@ def to_official_state_dict(model: NextScalePrior) -> dict[str, Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def load_prior(url: str, preset: str | None = "d16") -> NextScalePrior:
-    """prior.pt written by train-prior ({"config": VARConfig fields, "state_dict"}), a folder written by
-    ``nextscale.save_pretrained``, or an official state dict built as ``preset`` (None: the preset whose sizes
-    the file has); eval mode, gradients off."""
-    from nextscale import pretrained
+def load_prior(source: str, preset: str | None = None, *, seed: int = 0,
+               device: str | torch.device = "cpu") -> tuple[NextScalePrior, dict[str, Any]]:
+    """(prior in eval mode with gradients off, its identity) from one of:
 
-    if pretrained.is_pretrained(url):
-        return pretrained.from_pretrained(url, "var")
+    - a prior.pt written by train-prior (``{"config", "state_dict"}``, carries its architecture);
+    - a folder written by ``nextscale.save_pretrained`` (``config.json`` + ``model.safetensors``);
+    - an official state dict (``var_d16.pth``, M-VAR's), built as ``preset`` (None: the preset whose family and
+      sizes the file has) and checked strictly;
+    - a preset name: seeded random weights, identical in every process (tests, trying the API offline).
+
+    The identity holds ``url``, ``kind`` (file | pretrained | random_init), ``preset``, ``seed`` (random init)
+    and ``config``, as :func:`nextscale.tokenize.loader.load_tokenizer`'s does.
+    """
+    if source in PRESETS and not os.path.exists(source) and not pretrained.is_pretrained(source):
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
+            torch.manual_seed(seed)
+            model = build_prior(source)
+        ident = {"url": "", "kind": "random_init", "preset": source, "seed": seed}
+    elif pretrained.is_pretrained(source):
+        config, state_dict = pretrained.read_folder(source, "var")
+        model = load_official_var(state_dict, config_from_dict(config, prefix=f"{source}: config."))
+        ident = {"url": source, "kind": "pretrained", "preset": preset or ""}
+    else:
+        model, preset = _load_file(source, preset)
+        ident = {"url": source, "kind": "file", "preset": preset or ""}
+    ident["config"] = to_dict(model.cfg)
+    return model.to(device).eval().requires_grad_(False), ident
+
+
+def _load_file(url: str, preset: str | None) -> tuple[NextScalePrior, str | None]:
     try:
         obj = read_checkpoint(storage.read_bytes(url), f"prior {url}")
     except FileNotFoundError:
@@ -155,12 +181,19 @@ def load_prior(url: str, preset: str | None = "d16") -> NextScalePrior:
                        "models.prior_url") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
         cfg = config_from_dict(obj["config"].get("var", obj["config"]), prefix=f"{url}: config.")
-        var = load_official_var(obj["state_dict"], cfg)
-    else:
-        if preset is None:
-            preset = matching_preset(unwrap_state_dict(obj, url))
-            if not preset:
-                raise CheckpointMismatch(f"{url} matches no VAR preset ({_looks_like(unwrap_state_dict(obj, url))}); "
-                                         "give the preset or load it with load_official_var and a VARConfig")
-        var = load_official_var(obj, preset)
-    return var.eval().requires_grad_(False)
+        return load_official_var(obj["state_dict"], cfg), preset
+    if preset is None:
+        preset = matching_preset(unwrap_state_dict(obj, url))
+        if not preset:
+            raise CheckpointMismatch(f"{url} matches no prior preset ({_looks_like(unwrap_state_dict(obj, url))}); "
+                                     "give the preset or load it with load_official_var and a config")
+    return load_official_var(obj, preset), preset
+
+
+def save_prior(model: NextScalePrior, url: str, *, state_dict: Mapping[str, Tensor] | None = None, **extra: Any) -> None:
+    """Write ``{"config": the model's config, "state_dict": ...}`` (+ ``extra`` keys: what :func:`load_prior`
+    reads) atomically to ``url``; ``state_dict``: the full state gathered from a sharded model."""
+    buf = io.BytesIO()
+    torch.save({"config": to_dict(model.cfg), "state_dict": dict(state_dict or to_official_state_dict(model)),
+                **extra}, buf)
+    storage.write_bytes(url, buf.getvalue())

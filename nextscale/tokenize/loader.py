@@ -1,5 +1,5 @@
-"""Tokenizer checkpoints: :func:`load_tokenizer`, the one way every stage gets its VQVAE, and the strict
-converter of the official VAR VQVAE checkpoints (``vae_ch160v4096z32.pth``).
+"""The tokenizer loader: :func:`load_tokenizer`, the one way every stage gets its VQVAE, :func:`save_tokenizer`, and
+the strict converter of the official VAR VQVAE checkpoints (``vae_ch160v4096z32.pth``).
 
 nextscale's module paths are the official state-dict names, so conversion is a check, not a rename:
 every key the model expects must be present with the expected shape and no unknown key may be left
@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nextscale import checkpoint, storage
+from nextscale import pretrained, storage
+from nextscale.checkpoint import CheckpointMismatch, read_checkpoint, state_dict_in
 from nextscale.config import from_dict, to_dict
-from nextscale.errors import NotFound, UserError
+from nextscale.errors import NotFound
 from nextscale.tokenize.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, build_vqvae
 
 log = logging.getLogger(__name__)
@@ -30,42 +31,10 @@ log = logging.getLogger(__name__)
 OPTIONAL_KEYS = ("quantize.ema_vocab_hit_SV",)
 
 
-class CheckpointMismatch(UserError, ValueError):
-    """A state dict does not fit the requested architecture, or a file is no checkpoint; the message names it."""
-
-
-def read_checkpoint(data: bytes, name: str) -> object:
-    """The checkpoint in ``data`` read by ``nextscale.checkpoint.load_file`` (``weights_only=True``; a pickle
-    that could run code is refused); bytes that are no checkpoint at all are a CheckpointMismatch naming
-    ``name`` (torch's own messages are not passed on: some suggest unpickling code)."""
-    try:
-        return checkpoint.load_file(name, data)
-    except checkpoint.CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch.load on foreign bytes raises many types; all mean "not a checkpoint"
-        if not data or isinstance(e, EOFError):
-            why = "it is empty or truncated"
-        elif "PytorchStreamReader" in str(e):
-            why = "its archive is damaged or truncated"
-        else:
-            why = f"it is not a PyTorch checkpoint ({type(e).__name__} while reading it)"
-        raise CheckpointMismatch(f"cannot load {name}: {why}; give a checkpoint written by nextscale or an "
-                                 "official VAR release file") from None
-
-
-def _read(path_or_url: str | os.PathLike) -> object:
-    return read_checkpoint(storage.read_bytes(str(path_or_url)), str(path_or_url))
-
-
-def read_state_dict(path_or_url: str | os.PathLike, obj: object = None) -> dict[str, Tensor]:
+def read_state_dict(path_or_url: str | os.PathLike) -> dict[str, Tensor]:
     """A state dict from a local path or storage URL (a bare state dict or one under "state_dict"/"model")."""
-    obj = _read(path_or_url) if obj is None else obj
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise CheckpointMismatch(f"{path_or_url} does not hold a state dict (got {type(obj).__name__})")
-    return dict(obj)
+    obj = read_checkpoint(storage.read_bytes(str(path_or_url)), str(path_or_url))
+    return state_dict_in(obj, str(path_or_url))
 
 
 def check_state_dict(state_dict: Mapping[str, Tensor], model: VQVAE, preset: str = "") -> dict[str, Tensor]:
@@ -119,10 +88,11 @@ def is_preset(source: str) -> bool:
     return source in VQVAE_PRESETS and not os.path.exists(source)
 
 
-def weights_sha256(model: VQVAE) -> str:
-    """sha256 over the state dict's names, shapes and float32 bytes (identity of preset-built weights)."""
+def weights_sha256(weights: VQVAE | Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict's names, shapes and float32 bytes (identity of weights without a file)."""
+    state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(state_dict.items()):
         t = v.detach().float().contiguous().cpu()
         h.update(f"{k}:{list(t.shape)};".encode())
         h.update(t.numpy().tobytes())
@@ -148,11 +118,12 @@ def load_tokenizer(source: str | bytes, *, preset: str = "vae_ch160v4096z32", se
 
     - a tokenizer.pt written by train-tokenizer (``{"config", "state_dict"}``, carries its architecture);
     - an official VQVAE ``.pth`` (a bare state dict), built as ``preset`` and checked strictly;
+    - a folder written by ``nextscale.save_pretrained`` (``config.json`` + ``model.safetensors``);
     - a preset name: seeded random weights, identical in every process (tests, benchmarks);
 
     given as a URL / path, or as the file's bytes (``name`` then says where they came from). The identity
-    (recorded in the manifest) holds ``url``, ``kind`` (file | random_init), ``preset``, ``sha256`` (of the
-    file, or of the weights for random init), ``seed`` (random init) and ``config``. ``device="meta"`` gives
+    (recorded in the manifest) holds ``url``, ``kind`` (file | pretrained | random_init), ``preset``, ``sha256``
+    (of the file, or of the weights for a folder or random init), ``seed`` (random init) and ``config``. ``device="meta"`` gives
     the architecture only, checked against the file's keys and shapes without loading or initialising
     weights: what a driver needs to plan a job.
     """
@@ -161,6 +132,14 @@ def load_tokenizer(source: str | bytes, *, preset: str = "vae_ch160v4096z32", se
             torch.manual_seed(seed)
             model = build_vqvae(source)
         ident = {"url": "", "kind": "random_init", "preset": source, "seed": seed, "sha256": weights_sha256(model)}
+    elif isinstance(source, str) and pretrained.is_pretrained(source):
+        config, state_dict = pretrained.read_folder(source, "vqvae")
+        with torch.device("meta" if str(device) == "meta" else "cpu"):
+            model = build_vqvae(from_dict(VQVAEConfig, config, prefix=f"{source}: config."))
+        state_dict = check_state_dict(state_dict, model)
+        if str(device) != "meta":
+            model.load_state_dict(state_dict, strict=True)
+        ident = {"url": source, "kind": "pretrained", "preset": preset, "sha256": weights_sha256(state_dict)}
     else:
         url = source if isinstance(source, str) else name
         label = url or "the tokenizer bytes"
@@ -169,7 +148,7 @@ def load_tokenizer(source: str | bytes, *, preset: str = "vae_ch160v4096z32", se
         if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and "state_dict" in obj:
             cfg, state_dict, what = from_dict(VQVAEConfig, obj["config"], prefix="config."), obj["state_dict"], ""
         else:
-            cfg, state_dict, what = preset, read_state_dict(label, obj), preset
+            cfg, state_dict, what = preset, state_dict_in(obj, label), preset
         with torch.device("meta" if str(device) == "meta" else "cpu"):
             model = build_vqvae(cfg)
         state_dict = check_state_dict(state_dict, model, what)
