@@ -16,6 +16,8 @@ import textwrap
 
 from nextscale import preflight, storage
 from nextscale.config import describe, dump_yaml, load_config, split_config_args
+from nextscale.datasets import DatasetError, import_dataset
+from nextscale.demo_data import make_demo_data
 from nextscale.errors import debug_requested, find_user_error
 from nextscale.interrupts import EXIT_CODE, stop_promptly
 from nextscale.logs import setup_logging
@@ -112,13 +114,9 @@ def _main(argv: list[str]) -> int:
 
     setup_logging()
     if args.command == "make-demo-data":
-        from nextscale.demo_data import make_demo_data
-
         print(json.dumps(make_demo_data(args.out), indent=1))
         return 0
     if args.command == "import-dataset":
-        from nextscale.datasets import DatasetError, import_dataset
-
         try:
             print(json.dumps(import_dataset(args.name, args.out, args.source, args.holdout, args.limit), indent=1))
         except DatasetError as e:

@@ -82,6 +82,15 @@ def sanitize_key(key: str) -> str:
     return out or "_"
 
 
+def unique_key(key: str, seen: dict[str, int]) -> str:
+    """``key``, or ``key_1``, ``key_2``… when an earlier item of the same source already took it."""
+    if key not in seen:
+        seen[key] = 0
+        return key
+    seen[key] += 1
+    return unique_key(f"{key}_{seen[key]}", seen)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sample bytes and shards
 

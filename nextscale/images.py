@@ -33,9 +33,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nextscale import storage
-from nextscale.codes import sanitize_key
+from nextscale.codes import sanitize_key, unique_key
 from nextscale.errors import UserError
-from nextscale.tokenize.inputs import unique_key
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from nextscale import storage
+from nextscale.codes import MANIFEST, Manifest
 from nextscale.errors import UserError
 
 # protocols whose locations are checked here (hf:// and https:// weights are fetched by their own loader)
@@ -77,8 +78,6 @@ def check_output(key: str, url: str) -> None:
 
 def check_codes(key: str, url: str) -> None:
     """``url`` holds code shards with a readable manifest, not images."""
-    from nextscale.codes import MANIFEST, Manifest
-
     if not storage.exists(storage.join(url, MANIFEST)) and _holds_images(url):
         raise UserError(f"{key}={url} holds images, not code shards: tokenize them first "
                         f"(nextscale tokenize input={url} output=CODES) and set {key}=CODES")

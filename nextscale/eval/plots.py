@@ -26,6 +26,9 @@ from PIL import Image
 
 from nextscale import checkpoint, storage
 from nextscale.eval.config import SamplingConfig
+from nextscale.eval.features import to_uint8
+from nextscale.eval.generate import sample_batch, seeded_generator
+from nextscale.eval.pictures import png_bytes, tile_grid
 from nextscale.tokenize.data import ImageFolderDataset
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ def write_curves(url: str, rows: Sequence[dict], panels: Sequence[Panel]) -> str
         image = draw_curves(rows, panels)
     except ValueError:
         return None
-    storage.write_bytes(url, _png(image))
+    storage.write_bytes(url, png_bytes(image))
     return url
 
 
@@ -177,7 +180,7 @@ class TrainingPictures:
         with torch.random.fork_rng(devices=cuda):
             image = self.draw(step)
         self.latest = step_picture_url(self.output, self.folder, step)
-        storage.write_bytes(self.latest, _png(image))
+        storage.write_bytes(self.latest, png_bytes(image))
         if self.trackers is not None:
             self.trackers.log_image(self.folder, image, caption=self.caption, step=step)
         seconds = time.perf_counter() - t0
@@ -217,21 +220,12 @@ def tokenizer_pictures(trainer) -> TrainingPictures:
                             caption="original, then decoded from the first 1, 2, ... scales", panels=TOKENIZER_CURVES)
 
 
-def _png(image: np.ndarray) -> bytes:
-    from nextscale.eval.pictures import png_bytes
-
-    return png_bytes(image)
-
-
 @torch.no_grad()
 def prior_sample_grid(var, vqvae, classes: Sequence[int], per_class: int = GRID_SAMPLES, seed: int = 0, *,
                       sampling: SamplingConfig | None = None) -> np.ndarray:
     """uint8 grid: row r = ``per_class`` samples of ``classes[r]`` drawn from a generator seeded by (seed, r),
     so the same row gets the same random numbers at every step (the paper's sampling settings unless
     ``sampling`` says otherwise). ``var`` is left in the mode it came in."""
-    from nextscale.eval.generate import sample_batch, seeded_generator
-    from nextscale.eval.pictures import tile_grid
-
     device = var.pos_start.device
     was_training = var.training
     var.eval()
@@ -250,9 +244,6 @@ def prior_sample_grid(var, vqvae, classes: Sequence[int], per_class: int = GRID_
 def reconstruction_strip(vqvae, img_B3HW: torch.Tensor) -> np.ndarray:
     """uint8 picture: one row per image in [-1, 1]: the original, then the decoding of the first 1..S scales
     (the last column is the full reconstruction). ``vqvae`` is left in the mode it came in."""
-    from nextscale.eval.features import to_uint8
-    from nextscale.eval.pictures import tile_grid
-
     was_training = vqvae.training
     vqvae.eval()
     try:
@@ -277,5 +268,5 @@ def docs_copy(src_url: str, dest_path: str, max_side: int = 640) -> dict:
     factor = math.ceil(max(image.size) / max_side) if max_side else 1
     if factor > 1:
         image = image.resize((image.width // factor, image.height // factor), Image.NEAREST)
-    storage.write_bytes(dest_path, _png(np.asarray(image)))
+    storage.write_bytes(dest_path, png_bytes(np.asarray(image)))
     return {"path": dest_path, "width": image.width, "height": image.height}

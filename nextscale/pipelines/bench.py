@@ -40,9 +40,12 @@ from typing import Literal
 import torch
 
 from nextscale import storage
+from nextscale.codes import write_synthetic_shards
 from nextscale.config import RayConfig, doc, require
+from nextscale.demo_data import make_demo_data
 from nextscale.devices import peak_flops, pick_device
 from nextscale.eval.config import SamplingConfig
+from nextscale.prior.data import CodeLoader
 from nextscale.prior.engine import step_loss
 from nextscale.prior.families import build_prior, flops_per_image
 from nextscale.prior.optim import build_optimizer
@@ -429,8 +432,6 @@ def bench_mvar(cfg: BenchConfig, s: Setup) -> list[dict]:
 
 
 def bench_loader(cfg: BenchConfig, s: Setup, consumption_img_per_s: float | None) -> list[dict]:
-    from nextscale.codes import write_synthetic_shards
-    from nextscale.prior.data import CodeLoader
 
     vqvae_cfg = build_vqvae(s.tokenizer).cfg if s.tokenizer != "vae_ch160v4096z32" else None
     L = vqvae_cfg.num_tokens if vqvae_cfg else 680
@@ -452,8 +453,9 @@ def bench_loader(cfg: BenchConfig, s: Setup, consumption_img_per_s: float | None
 
 
 def bench_tokenize(cfg: BenchConfig, s: Setup) -> list[dict]:
-    from nextscale.demo_data import make_demo_data
-    from nextscale.pipelines.tokenize import measure_throughput
+    from nextscale.pipelines.tokenize import (
+        measure_throughput,  # imports Ray: not for `nextscale bench --help`
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.tokenize_images_dir:

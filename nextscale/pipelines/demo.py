@@ -15,6 +15,7 @@ from nextscale import storage
 from nextscale.config import RayConfig, doc, load_config, require
 from nextscale.demo_data import make_demo_data
 from nextscale.eval.classifier import evaluate_demo_samples
+from nextscale.eval.plots import docs_copy
 from nextscale.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ DOCS_PICTURES = {"demo_grid.png": ("sample", ("pictures", "grid", "url"), 640),
 
 def docs_pictures(results: dict, folder: str) -> dict:
     """Copies of the pictures of this run's stages for the README (those whose stage ran)."""
-    from nextscale.eval.plots import docs_copy
-
     out = {}
     for name, (stage, keys, max_side) in DOCS_PICTURES.items():
         url = results["stages"].get(stage)

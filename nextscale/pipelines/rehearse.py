@@ -44,8 +44,10 @@ import tracemalloc
 import numpy as np
 
 from nextscale import codes, storage, synthetic_imagenet
+from nextscale.config import load_config, split_config_args
 from nextscale.logs import setup_logging
-from nextscale.prior.data import view_index
+from nextscale.prior.data import CHUNK, CodeLoader, EpochPlan, resume_point, view_index
+from nextscale.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +187,6 @@ def _run_child(name: str, config: str, overrides: list[str], *, log_path: str, k
 
 def stage_main(argv: list[str]) -> int:
     """The child: run one stage in this process; print its summary, peak RSS and object-store spill as JSON."""
-    from nextscale.config import load_config, split_config_args
-    from nextscale.stages import STAGES
-
     setup_logging()
     name, rest = argv[0], argv[1:]
     path, overrides = split_config_args(rest)
@@ -322,7 +321,6 @@ def _sample_hash(codes_L: np.ndarray, label: int) -> int:
 
 def plan_memory(url: str, seed: int = 0, at_row: int = 0) -> int:
     """Bytes the loader allocates to plan an epoch and find ``at_row`` in it (the manifest already read)."""
-    from nextscale.prior.data import CHUNK, EpochPlan, resume_point
 
     shards = codes.Manifest.read(url).shards
     tracemalloc.start()
@@ -338,7 +336,6 @@ def check_loader(url: str, expected: list[int], batch_size: int = 256) -> dict:
     """First batch (time, memory), plan memory, and epoch 0 (seed 0) stopped at its middle and resumed: the same
     batches as without the stop, and (count, sum of sample hashes) equal to ``expected`` (:func:`check_codes`)."""
     seed = 0
-    from nextscale.prior.data import CodeLoader
 
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -419,7 +416,6 @@ def rehearse_s3(data: dict, root: str, logs: str) -> dict:
     one epoch of the code loader reading the codes from S3."""
     import boto3
 
-    from nextscale.prior.data import CodeLoader
 
     source = data["inputs"]["val_wds"]
     with CountingS3() as s3:

@@ -22,21 +22,12 @@ import zlib
 from collections.abc import Iterator
 
 from nextscale import storage
-from nextscale.codes import sanitize_key
+from nextscale.codes import sanitize_key, unique_key
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # what a damaged or truncated tar (or its gzip layer) raises while it is read as a stream; network and
 # permission errors are OSErrors and stay errors (a rerun may succeed, so they must not become rejections)
 TAR_DAMAGE = (tarfile.TarError, EOFError, zlib.error)
-
-
-def unique_key(key: str, seen: dict[str, int]) -> str:
-    """``key``, or ``key_1``, ``key_2``… when an earlier item of the same source already took it."""
-    if key not in seen:
-        seen[key] = 0
-        return key
-    seen[key] += 1
-    return unique_key(f"{key}_{seen[key]}", seen)
 
 
 def _wds_item(url: str, key: str, members: dict[str, bytes], seen: dict[str, int]) -> tuple[dict, bytes]:
