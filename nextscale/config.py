@@ -380,8 +380,8 @@ class WorkersConfig:
     cpus_per_worker: float = doc(1.0, "CPUs Ray reserves per worker (Ray also sets its torch threads from it)")
     strategy: Literal["ddp", "fsdp"] = doc("ddp", "data parallelism: DDP, or FSDP (sharded weights and optimizer "
                                                   "state, train-prior) for the large presets")
-    max_failures: int = doc(3, "worker-group restarts Ray Train allows (each resumes from the latest checkpoint); "
-                               "-1 = unlimited")
+    max_failures: int = doc(3, "worker-group restarts after a lost worker or storage trouble, each from the latest "
+                               "checkpoint (a user's or a data error fails at once); -1 = unlimited")
 
     def __post_init__(self) -> None:
         require(self.count >= 0, f"workers.count={self.count} must be >= 0 (0 = in this process, no Ray)")

@@ -26,6 +26,13 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` may not happen on a retry: storage or network trouble (a timeout, a refused or reset
+    connection, a failed read), not a user's mistake nor a file that is missing or forbidden."""
+    deterministic = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return isinstance(error, OSError) and not isinstance(error, deterministic)
+
+
 def find_user_error(error: BaseException) -> UserError | None:
     """The UserError behind ``error``: itself, or one it was raised from (Ray wraps a worker's errors)."""
     seen: set[int] = set()

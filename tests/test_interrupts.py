@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nextscale.pipelines.watchdog import descendants, processes
@@ -115,12 +116,17 @@ def _alive(recorded: dict[int, int]) -> list[int]:
     return [pid for pid, start in recorded.items() if procs.get(pid, (0, -1))[1] == start]
 
 
-def _interrupt(tmp_path: Path, out: Path, sig: int, ready) -> tuple[int, dict[int, int]]:
-    """Run the CLI tokenize with its own local Ray instance until ``ready(log text)``, send ``sig`` to the driver
-    alone; returns (exit code, the processes it had started) once all of those are gone (both bounded in time)."""
+def _tokenize(tmp_path: Path, out: Path) -> list[str]:
+    return ["tokenize", f"input={tmp_path / 'in'}", f"output={out}", "ray.num_cpus=2",
+            *(f"{k}={v}" for k, v in ARGS.items())]
+
+
+def _interrupt(tmp_path: Path, args: list[str], sig: int, ready, group: bool = False) -> tuple[int, dict[int, int]]:
+    """Run ``nextscale ARGS`` with its own local Ray instance until ``ready(log text)``, send ``sig`` to the driver
+    alone (or to its process group, as a terminal's Ctrl-C); returns (exit code, the processes it had started) once
+    all of those are gone (both bounded in time)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "nextscale.cli", "tokenize", f"input={tmp_path / 'in'}", f"output={out}",
-           "ray.num_cpus=2", *(f"{k}={v}" for k, v in ARGS.items())]
+    cmd = [sys.executable, "-m", "nextscale.cli", *args]
     log_path = tmp_path / f"job-{sig}-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -131,7 +137,10 @@ def _interrupt(tmp_path: Path, out: Path, sig: int, ready) -> tuple[int, dict[in
         assert proc.poll() is None, "the job ended too early:\n" + log_path.read_text()[-3000:]
         procs = processes()
         started = descendants({proc.pid: procs[proc.pid][1]}, procs)
-        os.kill(proc.pid, sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         code = proc.wait(timeout=30)  # promptly, even when an interrupt is lost inside a library
     finally:
         if proc.poll() is None:
@@ -156,16 +165,44 @@ def test_ctrl_c_and_sigkill_stop_the_job_and_its_ray_and_a_rerun_completes(ray_l
     out = tmp_path / "b"
 
     # Ctrl-C while the local Ray instance starts
-    code, started = _interrupt(tmp_path, out, signal.SIGINT, lambda text: "starting a local Ray instance" in text)
+    code, started = _interrupt(tmp_path, _tokenize(tmp_path, out), signal.SIGINT, lambda text: "starting a local Ray instance" in text)
     assert code == 130
     # Ctrl-C once the first shard is written, then SIGKILL once one more is: each time nothing stays behind
-    code, started = _interrupt(tmp_path, out, signal.SIGINT, lambda text: _shards(out) >= 1)
+    code, started = _interrupt(tmp_path, _tokenize(tmp_path, out), signal.SIGINT, lambda text: _shards(out) >= 1)
     assert code == 130 and len(started) >= 4  # raylet, GCS, agents, workers: there was an instance to stop
     before = _shards(out)
     assert before < 12
-    code, started = _interrupt(tmp_path, out, signal.SIGKILL, lambda text: _shards(out) > before)
+    code, started = _interrupt(tmp_path, _tokenize(tmp_path, out), signal.SIGKILL, lambda text: _shards(out) > before)
     assert code == -signal.SIGKILL and len(started) >= 4
 
     summary = run(TokenizeConfig(input=str(tmp_path / "in"), output=str(out), **ARGS))
     assert summary["shards_skipped"] >= 2 and summary["shards_made"] + summary["shards_skipped"] == 12
     assert _outputs(out) == reference
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_ctrl_c_stops_a_ray_train_stage_at_once_and_the_same_command_resumes(ray_local, tmp_path):
+    """Ray Train's own SIGINT handler (a graceful abort, then exit 1) is not in the way: Ctrl-C to the process
+    group of train-prior on 2 Ray Train workers ends it with 130 and nothing left running."""
+    from prior_codes import write_codes
+
+    from nextscale.config import load_config
+    from nextscale.pipelines.train import run_prior
+    from nextscale.prior.config import PriorTrainConfig
+    from nextscale.tokenize.loader import save_tokenizer
+    from nextscale.tokenize.vqvae import build_vqvae
+
+    torch.manual_seed(0)
+    save_tokenizer(build_vqvae("golden_tiny"), str(tmp_path / "tokenizer.pt"))
+    codes = write_codes(str(tmp_path / "codes"), str(tmp_path / "tokenizer.pt"), num_samples=32, views=1, seed=0)
+    args = [f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "steps=30", "log_every=1",
+            "ckpt_every=2", f"output={tmp_path / 'prior'}", "workers.count=2", "ray.num_cpus=2"]
+    code, started = _interrupt(tmp_path, ["train-prior", *args], signal.SIGINT, lambda text: " step 5/30" in text,
+                               group=True)
+    assert code == 130 and len(started) >= 4  # raylet, GCS, agents, Ray Train's controller and workers
+
+    summary = run_prior(load_config(PriorTrainConfig, None, args))  # the same run: it resumes from a checkpoint
+    resumed_at = summary["steps"] - summary["steps_trained"]
+    assert summary["steps"] == 30 and resumed_at >= 2 and resumed_at % 2 == 0

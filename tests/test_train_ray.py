@@ -1,14 +1,15 @@
 """The prior on 2 Ray Train CPU workers (DDP over gloo): a killed worker is restarted from the latest
 checkpoint and the run ends exactly as an uninterrupted one; rerunning it with its latest checkpoint
-damaged resumes from the older one Ray kept.
+damaged resumes from the older one Ray kept. A data error fails the run at once, without restarts.
 
-Three fits on the session's local Ray instance (~30-60 s each on 2 cores).
+Four fits on the session's local Ray instance (~30-60 s each on 2 idle cores).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -48,6 +49,26 @@ class KillRank1Once:
         os._exit(1)
 
 
+class CountStarts:
+    """Mixin for the worker context: every start of a worker appends its rank to the file ``starts``."""
+
+    starts = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        with open(self.starts, "a") as f:
+            f.write(f"{self.rank}\n")
+
+
+@pytest.fixture(scope="module")
+def by_value():
+    """The worker-context mixins of this module travel to the Ray workers by value."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["prior_codes"])
+
+
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ray-codes")
@@ -56,11 +77,11 @@ def codes(tmp_path_factory) -> str:
     return write_codes(str(root / "codes"), str(root / "tokenizer.pt"), num_samples=32, views=2, seed=0)
 
 
-def _cfg(codes: str, out: str) -> PriorTrainConfig:
+def _cfg(codes: str, out: str, *extra: str) -> PriorTrainConfig:
     return load_config(PriorTrainConfig, None, [
         f"data.url={codes}", "data.batch_size=8", "model.preset=golden_tiny", "model.overrides.drop_path_rate=0.1",
         f"steps={STEPS}", "log_every=1", f"ckpt_every={CKPT_EVERY}", f"output={out}", "workers.count=2",
-        "workers.max_failures=2", "optim.lr=1e-3", "optim.warmup_steps=2", "ray.num_cpus=2"])
+        "workers.max_failures=2", "optim.lr=1e-3", "optim.warmup_steps=2", "ray.num_cpus=2", *extra])
 
 
 def _weights(out: str) -> dict[str, torch.Tensor]:
@@ -72,13 +93,8 @@ def _losses(out: str) -> list[float]:
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_local, codes, tmp_path):
-    import ray.cloudpickle
-
+def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_local, by_value, codes, tmp_path):
     from nextscale.pipelines.train import RayTrainContext, fit, run_prior
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.register_pickle_by_value(sys.modules["prior_codes"])
 
     ref = run_prior(_cfg(codes, str(tmp_path / "ref")))
     assert (ref["steps"], ref["steps_trained"], ref["workers"]) == (STEPS, STEPS, 2)
@@ -107,3 +123,46 @@ def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_lo
     assert (again["steps"], again["steps_trained"]) == (STEPS, STEPS - 2 * CKPT_EVERY)
     assert _losses(str(tmp_path / "cut")) == _losses(str(tmp_path / "ref"))
     assert all(torch.equal(ref_w[k], v) for k, v in _weights(str(tmp_path / "cut")).items())
+
+
+def test_a_data_error_fails_the_run_at_once_without_restarts(ray_local, by_value, codes, tmp_path):
+    from nextscale.codes import CodesError, Manifest, build_shard, iter_shard, sha256
+    from nextscale.pipelines.train import RayTrainContext, fit
+
+    # a shard holding codes outside the vocabulary (its checksum matches: only the vocabulary check can tell)
+    damaged = tmp_path / "codes"
+    shutil.copytree(codes, damaged)
+    manifest = Manifest.read(str(damaged))
+    shard = manifest.shards[-1]
+    data = build_shard((key, codes_KL + manifest.vocab_size, label)
+                       for key, codes_KL, label in iter_shard(str(damaged / shard.name)))
+    (damaged / shard.name).write_bytes(data)
+    shard.sha256 = sha256(data)
+    manifest.write(str(damaged))
+
+    counter = type("Counter", (CountStarts, RayTrainContext), {"starts": str(tmp_path / "starts")})
+    with pytest.raises(CodesError, match=f"{shard.name}: sample .* holds code .* outside the vocabulary of 64"):
+        fit("prior", _cfg(str(damaged), str(tmp_path / "out"), "workers.max_failures=3"), context_cls=counter)
+    assert sorted(open(tmp_path / "starts").read().split()) == ["0", "1"]  # one start of the group, no restart
+
+
+def test_only_what_a_restart_may_cure_is_retried():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from nextscale.codes import CodesError, ReadFailed
+    from nextscale.pipelines.train import restart_may_help
+
+    def failed(*errors) -> WorkerGroupError:  # as Ray Train reports them: what each worker's code raised, or its death
+        return WorkerGroupError("x", dict(enumerate(errors)))
+
+    lost = WorkerHealthCheckFailedError("worker died", ActorDiedError())
+    peer_lost = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+    assert restart_may_help(failed(peer_lost, lost))  # a worker died; its peer's collective broke
+    assert restart_may_help(failed(ReadFailed("s3 read timed out"), peer_lost))
+    assert restart_may_help(failed(TimeoutError("storage"), ConnectionResetError("reset by peer")))
+    assert restart_may_help(failed(torch.distributed.DistBackendError("NCCL timeout")))
+    assert not restart_may_help(failed(CodesError("codes-000001.tar: code 70 outside the vocabulary"), peer_lost))
+    assert not restart_may_help(failed(peer_lost, TypeError("a bug")))
+    assert not restart_may_help(failed(FileNotFoundError("gone"), lost))

@@ -3,9 +3,16 @@
 The training loops are plain PyTorch functions of ``(cfg, ctx, pictures)``; here they run in a ``TorchTrainer``
 whose workers see a :class:`RayTrainContext`, and draw the pictures of ``nextscale.eval.plots``. The run's name is derived from the output URL and its
 storage lives under ``{output}/ray``, so rerunning the same command resumes from the latest
-checkpoint (and a finished run trains nothing); ``FailureConfig(workers.max_failures)`` restarts the worker
-group from the latest checkpoint when a worker dies. ``workers.count=0`` (prior only) runs the loop in
+checkpoint (and a finished run trains nothing). ``workers.count=0`` (prior only) runs the loop in
 this process with a :class:`~nextscale.runtime.LocalContext`, no Ray at all.
+
+A Ray Train stage stops and fails like the other stages (:class:`Trainer`): Ctrl-C is handled by
+``nextscale.interrupts`` (exit 130 within seconds; the run's actors die with this driver and a rerun
+resumes), not by Ray Train's graceful abort (measured ~8-15 s, then exit 1). Only a failure a restart can
+cure (a worker or node lost, storage or network trouble) restarts the worker group from the latest
+checkpoint, at most ``workers.max_failures`` times; a :class:`~nextscale.errors.UserError` raised in a worker
+(a damaged shard, a code outside the vocabulary, a tokenizer that did not make the codes) and any bug fail the
+run at once, and a UserError reaches the command as itself: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -24,9 +31,13 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.exceptions import RayTrainError
+from ray.train.v2._internal.execution.failure_handling import FailureDecision, FailurePolicy
+from ray.train.v2.api.exceptions import WorkerGroupError
 
 from nextscale import storage
 from nextscale.checkpoint import run_id
+from nextscale.errors import UserError, is_transient
 from nextscale.eval.plots import prior_pictures, tokenizer_pictures
 from nextscale.logs import setup_logging
 from nextscale.pipelines.common import dashboard_url, init_ray
@@ -75,19 +86,8 @@ class RayTrainContext:
         return model if self.world_size == 1 else parallelize(model, self.strategy, self.device)
 
 
-class Trainer(TorchTrainer):
-    """``TorchTrainer`` without Ray Train's placement-group cleaner where Ray runs no dashboard (a local instance).
-
-    The cleaner watches the controller through the state API, which the dashboard serves: without one it can
-    never see the controller die (so never cleans up), and it logs a warning every second of the run. A local
-    instance needs no cleaner: it dies with the driver (``watchdog.py``); a cluster has a dashboard.
-    """
-
-    def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        if dashboard_url():
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+# where Ray Train 2.60 logs a worker's exception with its traceback (ray.train.v2._internal.util)
+RAY_TRAIN_ERROR_LOGGER, RAY_TRAIN_ERROR = "ray.train.v2._internal.util", "Error in training function"
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -100,10 +100,69 @@ def _worker(config: dict[str, Any]) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.pathname.startswith(ray_dir))
     storage.configure(cfg.storage)
-    if kind == "prior":
-        train_prior(cfg, ctx, prior_pictures)
-    else:
-        train_tokenizer(cfg, ctx, tokenizer_pictures)
+    try:
+        if kind == "prior":
+            train_prior(cfg, ctx, prior_pictures)
+        else:
+            train_tokenizer(cfg, ctx, tokenizer_pictures)
+    except UserError:
+        # the command shows its message on one line; Ray Train would log this worker's traceback as well
+        logging.getLogger(RAY_TRAIN_ERROR_LOGGER).addFilter(lambda r: not r.getMessage().startswith(RAY_TRAIN_ERROR))
+        raise
+
+
+def restart_may_help(error: WorkerGroupError) -> bool:
+    """Whether the workers failed for reasons a restart may cure: Ray's word on a worker (its process or node
+    died, its health check failed) or storage or network trouble met by its code. The other workers' collectives
+    then fail too (the peer is gone): that says nothing either way. A user's mistake, damaged data or a bug is
+    met again by every restart."""
+    failures = list(error.worker_failures.values())
+    if any(isinstance(e, UserError) for e in failures):
+        return False
+    causes = [e for e in failures if not _broken_collective(e)]
+    return all(isinstance(e, (ray.exceptions.RayError, RayTrainError)) or is_transient(e) for e in causes)
+
+
+def _broken_collective(error: BaseException) -> bool:
+    # gloo reports a lost peer as a plain RuntimeError ("[.../gloo/transport/tcp/pair.cc] Connection closed by peer")
+    return isinstance(error, torch.distributed.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+class RestartOnlyTransient(FailurePolicy):
+    """Ray Train's own policy (its ``max_failures`` budget) for failures a restart may cure; the others fail at once."""
+
+    def __init__(self, default: FailurePolicy):
+        super().__init__(default.failure_config)
+        self.default = default
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        if isinstance(training_failed_error, WorkerGroupError) and not restart_may_help(training_failed_error):
+            return FailureDecision.RAISE
+        return self.default.make_decision(training_failed_error)
+
+
+class Trainer(TorchTrainer):
+    """``TorchTrainer`` that stops and fails like the other stages (module docstring), without Ray Train's
+    placement-group cleaner where Ray runs no dashboard (a local instance). It overrides private methods of
+    Ray Train 2.60 (pyproject pins the version; tests/test_train_ray.py and test_interrupts.py check them).
+
+    The cleaner watches the controller through the state API, which the dashboard serves: without one it can
+    never see the controller die (so never cleans up), and it logs a warning every second of the run. A local
+    instance needs no cleaner: it dies with the driver (``watchdog.py``); a cluster has a dashboard.
+    """
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if dashboard_url():
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    def _register_sigint_handler(self, controller) -> None:
+        pass  # Ctrl-C stays with nextscale.interrupts: the actors of the run die with this driver
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        policy = RestartOnlyTransient(controller_init_kwargs.pop("failure_policy"))
+        return super()._initialize_and_run_controller(failure_policy=policy, **controller_init_kwargs)
 
 
 def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.Result:
@@ -136,7 +195,13 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
     )
     log.info("Ray Train: %s on %d worker(s) (%s), run %s, storage %s", kind, workers.count,
              "GPU" if workers.use_gpu else "CPU", run_id(kind, cfg.output), storage.join(cfg.output, "ray"))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as e:
+        user_error = next((err for err in e.worker_failures.values() if isinstance(err, UserError)), None)
+        if user_error is not None:
+            raise user_error from e
+        raise
     if result.error is not None:
         raise result.error
     return result
