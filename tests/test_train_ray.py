@@ -1,8 +1,8 @@
-"""The prior on 2 Ray Train CPU workers (DDP over gloo): a killed worker is restarted from the latest
+"""The prior on 2 Ray Train CPU workers (DDP and FSDP over gloo): a killed worker is restarted from the latest
 checkpoint and the run ends exactly as an uninterrupted one; rerunning it with its latest checkpoint
 damaged resumes from the older one Ray kept. A data error fails the run at once, without restarts.
 
-Four fits on the session's local Ray instance (~30-60 s each on 2 idle cores).
+Six fits on the session's local Ray instance (~30-60 s each on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -123,6 +123,26 @@ def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(ray_lo
     assert (again["steps"], again["steps_trained"]) == (STEPS, STEPS - 2 * CKPT_EVERY)
     assert _losses(str(tmp_path / "cut")) == _losses(str(tmp_path / "ref"))
     assert all(torch.equal(ref_w[k], v) for k, v in _weights(str(tmp_path / "cut")).items())
+
+
+def test_fsdp_worker_killed_mid_run_resumes_bitwise_like_an_uninterrupted_run(ray_local, by_value, codes, tmp_path):
+    """Every rank writes its shards of the model and optimizer (torch.distributed.checkpoint) and reports its
+    folder; Ray Train merges them into one checkpoint, from which the restarted group resumes."""
+    from nextscale.pipelines.train import RayTrainContext, fit
+
+    steps = 2 * KILL_AT  # one checkpoint before the kill, one at the end
+    args = ("workers.strategy=fsdp", f"steps={steps}", f"ckpt_every={KILL_AT}")
+    ref = fit("prior", _cfg(codes, str(tmp_path / "ref"), *args))
+    killer = type("Killer", (KillRank1Once, RayTrainContext), {"marker": str(tmp_path / "killed")})
+    cut = fit("prior", _cfg(codes, str(tmp_path / "cut"), *args), context_cls=killer)
+    assert os.path.exists(tmp_path / "killed"), "rank 1 was never killed"
+    summary = json.loads(open(tmp_path / "cut" / "train_summary.json").read())
+    assert (summary["steps"], summary["steps_trained"]) == (steps, steps - KILL_AT)
+    assert sorted(os.listdir(os.path.join(cut.checkpoint.path, "shards"))) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]  # both ranks' shards in the one checkpoint
+    assert _losses(str(tmp_path / "cut")) == _losses(str(tmp_path / "ref")) and ref.metrics["step"] == steps
+    ref_w, cut_w = _weights(str(tmp_path / "ref")), _weights(str(tmp_path / "cut"))
+    assert ref_w.keys() == cut_w.keys() and all(torch.equal(ref_w[k], cut_w[k]) for k in ref_w)
 
 
 def test_a_data_error_fails_the_run_at_once_without_restarts(ray_local, by_value, codes, tmp_path):
