@@ -27,7 +27,7 @@ from nextscale.prior.engine import step_loss
 from nextscale.prior.families import build_prior
 from nextscale.prior.model import NextScalePrior, cached_block_mask
 from nextscale.prior.prefetch import DevicePrefetcher
-from nextscale.prior.sample import sample_codes
+from nextscale.prior.sample import SamplingConfig, sample_codes
 from nextscale.prior.var import VAR
 from nextscale.tokenize.metrics import index_agreement
 from nextscale.tokenize.vqvae import VQVAE, MultiScaleQuantizer
@@ -175,7 +175,7 @@ def check_static_cache(device: torch.device | str = "cpu", preset: str = "debug"
         for kw in ({}, {"static_cache": True, "graphs": graphs}):
             record: dict[str, list[Tensor]] = {}
             codes = sample_codes(var, quantizer, label_B, generator=torch.Generator(device).manual_seed(0),
-                                 cfg=1.5, top_k=0, top_p=0.0, autocast=False, record=record, **kw)
+                                 sampling=SamplingConfig(guidance=1.5, top_k=0, top_p=0.0), autocast=False, record=record, **kw)
             runs.append((codes, torch.cat(record["logits_raw"], dim=1)))
     (ref_codes, ref_raw), (codes, raw) = runs
     agreement = float((codes == ref_codes).float().mean())

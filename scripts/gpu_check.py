@@ -47,7 +47,7 @@ def golden_parity(device: torch.device) -> dict:
 
     from nextscale.levers import exact_fp32
     from nextscale.prior.loader import load_official_var
-    from nextscale.prior.sample import sample_codes
+    from nextscale.prior.sample import SamplingConfig, sample_codes
     from nextscale.tokenize.loader import load_official_vqvae
 
     out: dict = {}
@@ -66,8 +66,8 @@ def golden_parity(device: torch.device) -> dict:
         official = torch.from_numpy(gr.load("sample_idx_BL.npy")).to(device)
         record: dict[str, list[torch.Tensor]] = {}
         forced = sample_codes(var, vqvae.quantize, torch.tensor(kw["label_B"], device=device),
-                              generator=torch.Generator(device).manual_seed(kw["g_seed"]), cfg=kw["cfg"],
-                              top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"], record=record,
+                              generator=torch.Generator(device).manual_seed(kw["g_seed"]), sampling=SamplingConfig(guidance=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"]),
+                              record=record,
                               known_codes_BL=official, known_mask_BL=torch.ones_like(official, dtype=torch.bool))
         assert torch.equal(forced, official)
         for kind in ("raw", "guided", "filtered"):

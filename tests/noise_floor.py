@@ -29,7 +29,7 @@ from tolerances import float64, nearest_code_margins, token_margins  # noqa: E40
 
 from nextscale.levers import tiny_var  # noqa: E402
 from nextscale.prior.loader import load_official_var  # noqa: E402
-from nextscale.prior.sample import sample_codes  # noqa: E402
+from nextscale.prior.sample import SamplingConfig, sample_codes  # noqa: E402
 from nextscale.tokenize.loader import load_official_vqvae  # noqa: E402
 from nextscale.tokenize.scales import split_codes  # noqa: E402
 
@@ -83,7 +83,7 @@ def prior_family(module, preset: str, sub: str, tf_names: list[str]) -> dict:
     kw = json.loads(((gr.GOLDEN_MVAR if sub else gr.GOLDEN) / "tiny_config.json").read_text())["sampling"]
     record: dict = {}
     codes = sample_codes(model, vqvae.quantize, torch.tensor(kw["label_B"]), generator=torch.Generator().manual_seed(
-        kw["g_seed"]), cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"], record=record)
+        kw["g_seed"]), sampling=SamplingConfig(guidance=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"]), record=record)
     x_tf = vqvae.quantize.teacher_forcing_input(split_codes(codes, model.patch_nums))
     labels = torch.tensor(kw["label_B"])
     null = torch.full_like(labels, model.num_classes)

@@ -15,7 +15,7 @@ from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_
 from nextscale.prior.loader import CheckpointMismatch, load_official_var
 from nextscale.prior.model import VARConfig
 from nextscale.prior.mvar import MVAR, IntraScaleAttention
-from nextscale.prior.sample import sample_codes
+from nextscale.prior.sample import SamplingConfig, sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,8 +162,8 @@ def test_scale_by_scale_sampling_equals_teacher_forcing_and_the_prefix_rerun(deb
     for rerun in (False, True):
         debug_mvar.sample_by_rerunning_prefix(rerun)
         record: dict[str, list[torch.Tensor]] = {}
-        codes = sample_codes(debug_mvar, quantizer, label_B, generator=torch.Generator().manual_seed(5), cfg=2.0,
-                             top_k=0, top_p=0.0, record=record)
+        codes = sample_codes(debug_mvar, quantizer, label_B, generator=torch.Generator().manual_seed(5), sampling=SamplingConfig(guidance=2.0, top_k=0, top_p=0.0),
+                             record=record)
         runs.append((codes, torch.cat(record["logits_raw"], dim=1)))
     debug_mvar.sample_by_rerunning_prefix(False)
     (codes, logits), (codes_rerun, logits_rerun) = runs

@@ -18,7 +18,7 @@ from tolerances import MVAR_TOL, VQVAE_DECODE_TOL, token_margins
 
 from nextscale.prior.families import PRESETS
 from nextscale.prior.loader import load_official_var
-from nextscale.prior.sample import sample_codes
+from nextscale.prior.sample import SamplingConfig, sample_codes
 
 LABELS = torch.tensor([3, 7])
 NULL = torch.tensor([10, 10])
@@ -111,8 +111,7 @@ def vqvae():
 def sample(mvar, vqvae, record=None):
     kw = json.loads((gr.GOLDEN_MVAR / "tiny_config.json").read_text())["sampling"]
     return sample_codes(mvar, vqvae.quantize, torch.tensor(kw["label_B"]),
-                        generator=torch.Generator().manual_seed(kw["g_seed"]), cfg=kw["cfg"], top_k=kw["top_k"],
-                        top_p=kw["top_p"], more_smooth=kw["more_smooth"], record=record)
+                        generator=torch.Generator().manual_seed(kw["g_seed"]), sampling=SamplingConfig(guidance=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"]), record=record)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from tolerances import REORDER_TOL
 
 from nextscale.prior.families import PRESETS, build_prior, flops_per_image, num_params
 from nextscale.prior.loader import CheckpointMismatch, load_official_var, to_official_state_dict
-from nextscale.prior.sample import known_mask_from_pixels, sample_codes
+from nextscale.prior.sample import SamplingConfig, known_mask_from_pixels, sample_codes
 from nextscale.tokenize.vqvae import MultiScaleQuantizer
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -222,8 +222,7 @@ def test_cached_sampling_equals_teacher_forcing_on_the_sampled_tokens(debug_var)
     var, quant = debug_var, debug_quantizer(debug_var)
     label_B = torch.tensor([1, 4])
     record: dict[str, list[torch.Tensor]] = {}
-    codes = sample_codes(var, quant, label_B, generator=torch.Generator().manual_seed(0), cfg=2.0, top_k=10,
-                         top_p=0.9, record=record)
+    codes = sample_codes(var, quant, label_B, generator=torch.Generator().manual_seed(0), sampling=SamplingConfig(guidance=2.0, top_k=10, top_p=0.9), record=record)
     raw_2BLV = torch.cat(record["logits_raw"], dim=1)
     x_BlCv = quant.teacher_forcing_input([codes[:, b:e] for b, e in var.scale_begin_ends()])
     with torch.no_grad():
@@ -240,14 +239,14 @@ def test_cached_sampling_equals_teacher_forcing_on_the_sampled_tokens(debug_var)
 def test_filters_keep_top_k_and_the_nucleus(debug_var):
     record: dict[str, list[torch.Tensor]] = {}
     sample_codes(debug_var, debug_quantizer(debug_var), torch.tensor([0, 1, 2]),
-                 generator=torch.Generator().manual_seed(0), top_k=5, top_p=0.5, record=record)
+                 generator=torch.Generator().manual_seed(0), sampling=SamplingConfig(top_k=5, top_p=0.5), record=record)
     kept = torch.cat([torch.isfinite(f) for f in record["logits_filtered"]], dim=1).sum(-1)
     assert kept.min() >= 1 and kept.max() <= 5
 
 
 def test_same_seed_same_codes(debug_var):
     quant, labels = debug_quantizer(debug_var), torch.tensor([0, 3, 5, 9])
-    run = [sample_codes(debug_var, quant, labels, generator=torch.Generator().manual_seed(s), top_k=0, top_p=0.0)
+    run = [sample_codes(debug_var, quant, labels, generator=torch.Generator().manual_seed(s), sampling=SamplingConfig(top_k=0, top_p=0.0))
            for s in (7, 7, 8)]
     assert run[0].shape == (4, debug_var.L) and run[0].dtype == torch.int64
     assert torch.equal(run[0], run[1]) and not torch.equal(run[0], run[2])
@@ -276,10 +275,10 @@ def test_editing_keeps_the_known_tokens(debug_var, more_smooth):
     known_BL = torch.randint(0, var.V, (2, var.L), generator=g)
     mask_BL = torch.rand(2, var.L, generator=g) < 0.5
     out = sample_codes(var, quant, torch.tensor([2, 2]), generator=torch.Generator().manual_seed(0),
-                       more_smooth=more_smooth, known_codes_BL=known_BL, known_mask_BL=mask_BL)
+                       sampling=SamplingConfig(more_smooth=more_smooth), known_codes_BL=known_BL, known_mask_BL=mask_BL)
     assert torch.equal(out[mask_BL], known_BL[mask_BL])
     free = sample_codes(var, quant, torch.tensor([2, 2]), generator=torch.Generator().manual_seed(0),
-                        more_smooth=more_smooth)
+                        sampling=SamplingConfig(more_smooth=more_smooth))
     assert not torch.equal(out[~mask_BL], free[~mask_BL])  # the free tokens see the forced context
     full = sample_codes(var, quant, torch.tensor([2, 2]), generator=torch.Generator().manual_seed(0),
                         known_codes_BL=known_BL, known_mask_BL=torch.ones_like(mask_BL))

@@ -11,7 +11,7 @@ import torch
 from tolerances import VAR_TOL, VQVAE_DECODE_TOL, token_margins
 
 from nextscale.prior.loader import load_official_var
-from nextscale.prior.sample import sample_codes
+from nextscale.prior.sample import SamplingConfig, sample_codes
 from nextscale.prior.var import block_causal_bias
 
 LABELS = torch.tensor([3, 7])
@@ -105,8 +105,7 @@ def sampled(var, vqvae):
     kw = gr.tiny_config()["sampling"]
     record: dict[str, list[torch.Tensor]] = {}
     codes = sample_codes(var, vqvae.quantize, torch.tensor(kw["label_B"]),
-                         generator=torch.Generator().manual_seed(kw["g_seed"]), cfg=kw["cfg"], top_k=kw["top_k"],
-                         top_p=kw["top_p"], more_smooth=kw["more_smooth"], record=record)
+                         generator=torch.Generator().manual_seed(kw["g_seed"]), sampling=SamplingConfig(guidance=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], more_smooth=kw["more_smooth"]), record=record)
     return codes, record
 
 

@@ -11,6 +11,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, require
+from nextscale.prior.sample import SamplingConfig
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -29,24 +30,6 @@ class ModelsConfig:
     def __post_init__(self) -> None:
         require(bool(self.prior_url), "models.prior_url is empty: point it at prior.pt (written by train-prior)")
         require(bool(self.tokenizer_url), "models.tokenizer_url is empty: point it at tokenizer.pt")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How images are drawn from the prior; the defaults are the paper's FID protocol."""
-
-    ALIASES: ClassVar[dict[str, str]] = {"cfg": "guidance"}
-
-    guidance: float = doc(1.5, "classifier-free guidance weight at the last scale, ramping from 0 at the first "
-                               "(the official `cfg`; paper: 1.5; 0 = no guidance)")
-    top_k: int = doc(900, "top-k filter (paper: 900; 0 = off)")
-    top_p: float = doc(0.96, "top-p (nucleus) filter (paper: 0.96; 0 = off)")
-    more_smooth: bool = doc(False, "Gumbel-softmax soft codes for smoother pictures (paper: off; never for FID)")
-
-    def __post_init__(self) -> None:
-        require(self.guidance >= 0, f"sampling.guidance={self.guidance} must be >= 0 (0 = no guidance)")
-        require(self.top_k >= 0, f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
-        require(0.0 <= self.top_p <= 1.0, f"sampling.top_p={self.top_p} must be in [0, 1] (0 = off)")
 
 
 # the sampling keys lived at the top of the sample / fid configs before they had a section of their own

@@ -58,11 +58,9 @@ def sample_batch(var: NextScalePrior, vqvae: VQVAE, labels: Sequence[int] | Tens
     """
     device = var.pos_start.device
     label_B = torch.as_tensor(labels, dtype=torch.long, device=device)
-    s = sampling
-    record: dict[str, list[Tensor]] | None = {} if s.more_smooth else None
-    codes_BL = sample_codes(var, vqvae.quantize, label_B, generator=generator, cfg=s.guidance, top_k=s.top_k,
-                            top_p=s.top_p, more_smooth=s.more_smooth, known_codes_BL=known_codes_BL,
-                            known_mask_BL=known_mask_BL, record=record)
+    record: dict[str, list[Tensor]] | None = {} if sampling.more_smooth else None
+    codes_BL = sample_codes(var, vqvae.quantize, label_B, generator=generator, sampling=sampling,
+                            known_codes_BL=known_codes_BL, known_mask_BL=known_mask_BL, record=record)
     img = vqvae.fhat_to_img(record["f_hat"][0]) if record is not None else vqvae.decode(codes_BL)
     return codes_BL, to_uint8(img.add(1).mul(0.5))
 

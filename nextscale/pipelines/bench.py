@@ -44,13 +44,12 @@ from nextscale.codes import write_synthetic_shards
 from nextscale.config import RayConfig, doc, require
 from nextscale.demo_data import make_demo_data
 from nextscale.devices import peak_flops, pick_device
-from nextscale.eval.config import SamplingConfig
 from nextscale.prior.data import CodeLoader
 from nextscale.prior.engine import step_loss
 from nextscale.prior.families import build_prior, flops_per_image
 from nextscale.prior.optim import build_optimizer
 from nextscale.prior.prefetch import DevicePrefetcher
-from nextscale.prior.sample import sample_codes
+from nextscale.prior.sample import SamplingConfig, sample_codes
 from nextscale.tokenize.vqvae import build_vqvae
 
 log = logging.getLogger(__name__)
@@ -292,15 +291,14 @@ def bench_sample(cfg: BenchConfig, s: Setup) -> list[dict]:
     quantizer = vqvae.quantize.to(s.device).eval()
     var = _var(s, vqvae.cfg).eval()
     label = torch.arange(s.batch, device=s.device) % var.cfg.num_classes
-    sampling = SamplingConfig()  # the paper's protocol, as fid samples
-    top_k = min(sampling.top_k, vqvae.cfg.vocab_size)
+    # the paper's protocol, as fid samples (top-k no larger than the vocabulary)
+    sampling = SamplingConfig(top_k=min(SamplingConfig().top_k, vqvae.cfg.vocab_size))
     codes_box: list[torch.Tensor] = []
 
     def sampler(amp: torch.dtype | None, **kw) -> Callable[[], None]:
         def go() -> None:
             gen = torch.Generator(s.device).manual_seed(0)
-            codes_box[:] = [sample_codes(var, quantizer, label, generator=gen, cfg=sampling.guidance, top_k=top_k,
-                                         top_p=sampling.top_p,
+            codes_box[:] = [sample_codes(var, quantizer, label, generator=gen, sampling=sampling,
                                          autocast=amp is not None, **kw)]
         return go
 
@@ -396,7 +394,7 @@ def bench_mvar(cfg: BenchConfig, s: Setup) -> list[dict]:
         def go() -> None:
             with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
                 sample_codes(model, quantizer, label, generator=torch.Generator(s.device).manual_seed(0),
-                             top_k=top_k, top_p=0.96)
+                             sampling=SamplingConfig(top_k=top_k, top_p=0.96))
         return go
 
     train = interleaved({"var": train_step(var.train()), "mvar": train_step(mvar.train())}, s)

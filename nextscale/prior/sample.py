@@ -16,13 +16,37 @@ pn side of a scale's token map, H W image size; codes_BL int64.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nextscale.config import doc, require
 from nextscale.prior.model import NextScalePrior
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How images are drawn from the prior; the defaults are the paper's FID protocol."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"cfg": "guidance"}
+
+    guidance: float = doc(1.5, "classifier-free guidance weight at the last scale, ramping from 0 at the first "
+                               "(the official `cfg`; paper: 1.5; 0 = no guidance)")
+    top_k: int = doc(900, "top-k filter (paper: 900; 0 = off)")
+    top_p: float = doc(0.96, "top-p (nucleus) filter (paper: 0.96; 0 = off)")
+    more_smooth: bool = doc(False, "Gumbel-softmax soft codes for smoother pictures (paper: off; never for FID)")
+
+    def __post_init__(self) -> None:
+        require(self.guidance >= 0, f"sampling.guidance={self.guidance} must be >= 0 (0 = no guidance)")
+        require(self.top_k >= 0, f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
+        require(0.0 <= self.top_p <= 1.0, f"sampling.top_p={self.top_p} must be in [0, 1] (0 = off)")
+
+
+PAPER_SAMPLING = SamplingConfig()  # the paper's FID protocol
 
 
 def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -66,14 +90,14 @@ def _check_known(known_codes_BL: Tensor | None, known_mask_BL: Tensor | None, B:
 
 
 @torch.no_grad()
-def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: torch.Generator, cfg: float = 1.5,
-                 top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False,
-                 known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None,
+def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: torch.Generator,
+                 sampling: SamplingConfig = PAPER_SAMPLING, known_codes_BL: Tensor | None = None, known_mask_BL: Tensor | None = None,
                  autocast: bool | None = None, record: dict[str, list[Tensor]] | None = None,
                  static_cache: bool = False, graphs: bool = False) -> Tensor:
     """Sample codes (B, L) int64 for class labels (B,) (the null class ``var.num_classes`` = unconditional).
 
     ``quantizer`` is the VQVAE's ``MultiScaleQuantizer`` (codebook, Phi convs and f_hat update).
+    ``sampling`` holds the guidance weight (the official ``cfg``), the top-k / top-p filters and ``more_smooth``.
     ``generator`` must live on the model's device; it is the only source of randomness (the global
     torch RNG is untouched). ``more_smooth`` feeds a Gumbel-softmax mixture of codes instead of the
     drawn code into f_hat (for pictures, never for FID); the returned codes are the drawn ones and the
@@ -116,10 +140,10 @@ def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: 
                 logits_2BlV = run_blocks(next_BlC, cond_BD, attn_bias=None)
             if graphs:
                 logits_2BlV = logits_2BlV.clone()  # the graph's output buffer is overwritten by the next replay
-            t = cfg * ratio
+            t = sampling.guidance * ratio
             guided_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
             filtered_BlV = top_k_top_p_filter_(guided_BlV.clone() if record is not None else guided_BlV,
-                                               top_k, top_p)
+                                               sampling.top_k, sampling.top_p)
             probs_NV = filtered_BlV.softmax(dim=-1).view(-1, V)
             idx_Bl = torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, -1)
             b, e = begin_ends[si]
@@ -131,7 +155,7 @@ def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: 
                 record.setdefault("logits_guided", []).append(guided_BlV)
                 record.setdefault("logits_filtered", []).append(filtered_BlV)
 
-            if more_smooth:
+            if sampling.more_smooth:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # MaskGIT-style annealing, as the official code
                 h_BlCv = gumbel_softmax(filtered_BlV.mul(1 + ratio), tau, generator) @ codebook.weight.unsqueeze(0)
                 if known_codes_BL is not None:
