@@ -18,7 +18,7 @@ import ray
 
 import nextscale
 from nextscale import storage
-from nextscale.config import RayConfig
+from nextscale.config import ConfigError, RayConfig
 from nextscale.pipelines import watchdog
 
 log = logging.getLogger(__name__)
@@ -113,3 +113,15 @@ def _start_watchdog() -> None:
 
 
 _WATCHDOG: subprocess.Popen | None = None
+
+
+def use_gpus(device: str | bool, key: str) -> bool:
+    """Whether a Ray job's actors take a GPU each: ``auto`` = when the cluster has any; ``cpu`` (or false) never;
+    ``cuda`` (or true) always, and a cluster without GPUs is an error naming ``key``."""
+    if device in ("cpu", False):
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device in ("cuda", True) and not gpus:
+        raise ConfigError(f"{key}={str(device).lower()} but the Ray cluster has no GPUs; set {key}=auto or run on "
+                          "a cluster with GPUs")
+    return gpus > 0

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from nextscale import storage
-from nextscale.config import ConfigError, dump_yaml, to_dict
+from nextscale.config import dump_yaml, to_dict
 from nextscale.devices import pick_device
 from nextscale.errors import NotFound
 from nextscale.eval import features as feature_lib
@@ -44,7 +44,7 @@ from nextscale.eval.fid import (
 from nextscale.eval.generate import group_indices, load_models, sample_batch, seeded_generator
 from nextscale.images import InputError, center_view, is_image_name, open_image, walk
 from nextscale.logs import WandbRun
-from nextscale.pipelines.common import init_ray
+from nextscale.pipelines.common import init_ray, use_gpus
 from nextscale.progress import Progress
 from nextscale.tokenize.loader import load_tokenizer
 
@@ -198,15 +198,6 @@ def load_reference_images(batch: dict[str, np.ndarray], size: int) -> dict[str, 
 # The job
 
 
-def _use_gpu(cfg: FidConfig) -> bool:
-    if cfg.device == "cpu":
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and not gpus:
-        raise ConfigError("device=cuda but the Ray cluster has no GPUs; use device=auto or device=cpu")
-    return gpus > 0
-
-
 class GroupOrder:
     """One-group batches in group order: a stored group is read when its turn comes, a streamed one waits only
     until then; ``peak`` is how many waited at most (bounded by the pipeline's reordering, not by N)."""
@@ -344,7 +335,7 @@ def run(cfg: FidConfig) -> dict:
         probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
     tok_cfg = load_tokenizer(cfg.models.tokenizer_url, preset=cfg.models.tokenizer_preset, device="meta")[0].cfg
     del probe
-    use_gpu = _use_gpu(cfg)
+    use_gpu = use_gpus(cfg.device, "device")
     num_samplers = cfg.num_sampler_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
     device = "cuda" if use_gpu else "cpu"
     log.info("fid: %d samples in %d groups of %d on %d sampler actor(s) (%s), extractor %s", cfg.num_samples,

@@ -39,7 +39,7 @@ from nextscale.images import (
     load_class_list,
     make_views,
 )
-from nextscale.pipelines.common import init_ray
+from nextscale.pipelines.common import init_ray, use_gpus
 from nextscale.progress import Progress
 from nextscale.tokenize import inputs
 from nextscale.tokenize.job_config import TokenizeConfig
@@ -295,12 +295,6 @@ def assemble_samples(shard: int, chunks: dict[int, tuple[list[dict], bytes]], vi
     return samples, records
 
 
-def _use_gpu(cfg: TokenizeConfig) -> bool:
-    if cfg.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.use_gpu)
-
-
 def run(cfg: TokenizeConfig) -> dict:
     """Run (or resume) the tokenize job; returns a JSON-able summary."""
     t0 = time.perf_counter()
@@ -368,7 +362,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
              L: int, num_classes: int) -> tuple[int, dict[str, float]]:
     """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
-    gpu = _use_gpu(cfg)
+    gpu = use_gpus(cfg.use_gpu, "use_gpu")
     n_enc = cfg.num_encoders or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
     # the tokenizer goes through the object store: workers need no access to the driver's files
     tok_payload = ray.put(tok_source) if isinstance(tok_source, bytes) else tok_source
@@ -494,7 +488,7 @@ def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", b
                          samples_per_shard=max(1, -(-n_images // num_shards)), encoder_num_cpus=encoder_num_cpus,
                          ray=ray_cfg or RayConfig())
     init_ray(cfg.ray)
-    gpu = _use_gpu(cfg)
+    gpu = use_gpus(cfg.use_gpu, "use_gpu")
     probe = ray.remote(num_cpus=encoder_num_cpus, num_gpus=1 if gpu else 0)(_encode_only)
     views_per_s = ray.get(probe.remote(tokenizer_preset, batch_size, int(encoder_num_cpus), encode_seconds))
     summary = run(cfg)
