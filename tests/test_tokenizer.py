@@ -38,6 +38,7 @@ EXPECTED = {  # preset: (image side, latent side, L, V, Cv)
     "vae_ch160v4096z32_512": (512, 32, 2240, 4096, 32),  # pairs with var_d36
     "golden_tiny": (64, 4, 30, 64, 8),
     "demo": (32, 8, 130, 512, 16),
+    "rehearsal": (16, 4, 30, 256, 8),
 }
 
 
