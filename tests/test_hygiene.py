@@ -125,7 +125,7 @@ ALLOWED_LOCAL = {
     ("nextscale.pipelines.tokenize", "braceexpand"): "only for {a..b} input patterns",
     ("nextscale.pipelines.tokenize", "torch"): "the driver plans without torch; only actors load it",
     ("nextscale.pipelines.tokenize", "nextscale.tokenize.encode"): "as above: the encoder imports torch",
-    ("nextscale.pipelines.bench", "nextscale.pipelines.tokenize"): "imports Ray: not for `nextscale bench --help`",
+    ("nextscale.pipelines.bench.data_path", "nextscale.pipelines.tokenize"): "imports Ray: not for `nextscale bench --help`",
     ("nextscale.pipelines.demo", "nextscale.pipelines.common"): "imports Ray: not for `nextscale demo --help`",
     ("nextscale.pipelines.common", "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"):
         "imports Ray Data: only when a local instance starts",
