@@ -10,21 +10,22 @@ name of a config shipped in the package (``nextscale/configs/<name>.yaml``, e.g.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import logging
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
 from nextscale.errors import UserError
 
 T = TypeVar("T")
+# which device a stage computes on, the same key and values in every stage config (devices.pick_device resolves it)
+Device = Literal["auto", "cpu", "cuda"]
 log = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -124,7 +125,6 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     data = _renamed(cls, data, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    data = _renamed_keys(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         guess = did_you_mean(cls, unknown[0])
@@ -142,23 +142,36 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def _renamed_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """``data`` with the keys a config class renamed (its ``RENAMED = {old: "new.dotted"}``) moved to their
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """An old key that still loads, with a deprecation warning naming ``key``, its new dotted place below the same
+    section; ``values`` translates an old value where the values changed too (``hint`` says how)."""
+
+    key: str
+    values: Callable[[Any, str], Any] | None = None  # (old value, old key) -> new value
+    hint: str = ""
+
+
+def _renamed(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """``data`` with the keys ``cls`` renamed (its ``RENAMED = {old: "new.dotted" or Renamed(...)}``) moved to their
     new place, each with a deprecation warning."""
     renamed = getattr(cls, "RENAMED", {})
     old_keys = [k for k in data if k in renamed]
     if not old_keys:
         return data
-    data = copy.deepcopy(dict(data))
+    data = dict(data)
     for old in old_keys:
-        new = renamed[old]
+        new = renamed[old] if isinstance(renamed[old], Renamed) else Renamed(renamed[old])
+        *parents, leaf = new.key.split(".")
         node = data
-        for part in new.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        if new.split(".")[-1] in node:
-            raise ConfigError(f"{prefix + old!r} and {prefix + new!r} are both set; keep only {prefix + new!r}")
-        node[new.split(".")[-1]] = data.pop(old)
-        log.warning("config key %r is deprecated, use %r", prefix + old, prefix + new)
+        for part in parents:
+            node[part] = node = dict(node.get(part) or {})
+        if leaf in node:
+            raise ConfigError(f"{prefix + old!r} and {prefix + new.key!r} are both set; keep only {prefix + new.key!r}")
+        value = data.pop(old)
+        node[leaf] = new.values(value, prefix + old) if new.values else value
+        log.warning("config key %r is deprecated, use %r%s", prefix + old, prefix + new.key,
+                    f" ({new.hint})" if new.hint else "")
     return data
 
 
@@ -173,6 +186,20 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def renamed_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(old dotted key, new dotted key, hint) for every key that ``cls`` and its sections still accept under an old
+    name."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        new = new if isinstance(new, Renamed) else Renamed(new)
+        out.append((prefix + old, prefix + new.key, new.hint))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(renamed_keys(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
+
 def did_you_mean(cls: type, key: str) -> str | None:
     """The key below ``cls`` that ``key`` most likely meant (a typo, or a leaf given at the wrong depth)."""
     def score(candidate: str) -> float:
@@ -183,26 +210,6 @@ def did_you_mean(cls: type, key: str) -> str | None:
     scored = [(score(c), -c.count("."), c) for c in all_keys(cls) if c != key]
     best = max(scored, default=None)
     return best[2] if best and best[0] >= 0.75 else None
-
-
-def _renamed(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """Keys a config renamed still load: ``ALIASES = {"old": "new.dotted"}`` on the class moves them."""
-    aliases = getattr(cls, "ALIASES", {})
-    if not any(old in data for old in aliases):
-        return data
-    data = dict(data)
-    for old, new in aliases.items():
-        if old not in data:
-            continue
-        *parents, leaf = new.split(".")
-        node = data
-        for part in parents:
-            node[part] = node = dict(node.get(part) or {})
-        if leaf in node:
-            raise ConfigError(f"{prefix + old!r} and {prefix + new!r} are the same setting: keep {prefix + new!r}")
-        node[leaf] = data.pop(old)
-        log.warning("config key %r is now %r", prefix + old, prefix + new)
-    return data
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -371,12 +378,28 @@ class RayConfig:
     object_store_memory_mb: int = doc(0, "object store size of a local Ray instance; 0 = Ray's default")
 
 
+def _use_gpu_as_device(value: Any, key: str) -> str:
+    """The old ``use_gpu`` flag (true / false; tokenize's also auto) as a ``device`` value."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return "cuda" if coerce(value, bool, key) else "cpu"
+
+
+def use_gpu_renamed(device_key: str) -> Renamed:
+    """The old ``use_gpu`` key of a stage, now ``device_key``."""
+    return Renamed(device_key, _use_gpu_as_device, "use_gpu=true is device=cuda, false is cpu, auto is auto")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkersConfig:
     """The Ray Train workers of a training stage (train-prior, train-tokenizer): one data-parallel rank each."""
 
+    RENAMED: ClassVar[dict[str, Renamed]] = {"use_gpu": use_gpu_renamed("device")}
+
     count: int = doc(1, "Ray Train workers (data-parallel ranks); 0 = run in this process without Ray (train-prior)")
-    use_gpu: bool = doc(False, "one GPU per worker (with count=0: use cuda if available)")
+    device: Device = doc("cpu", "cuda = one GPU per worker; auto = cuda when the Ray cluster has GPUs (count=0: when "
+                                "this process sees one); cpu by default: the workers do not follow the GPUs there "
+                                "are, so auto with fewer GPUs than workers would wait for more")
     cpus_per_worker: float = doc(1.0, "CPUs Ray reserves per worker (Ray also sets its torch threads from it)")
     strategy: Literal["ddp", "fsdp"] = doc("ddp", "data parallelism: DDP, or FSDP (sharded weights and optimizer "
                                                   "state, train-prior) for the large presets")
@@ -392,7 +415,7 @@ class WorkersConfig:
 
 
 # the top-level keys that became the workers section (accepted with a deprecation warning)
-RENAMED_WORKER_KEYS = {"num_workers": "workers.count", "use_gpu": "workers.use_gpu",
+RENAMED_WORKER_KEYS: dict[str, str | Renamed] = {"num_workers": "workers.count", "use_gpu": use_gpu_renamed("workers.device"),
                        "cpus_per_worker": "workers.cpus_per_worker", "strategy": "workers.strategy",
                        "max_failures": "workers.max_failures"}
 

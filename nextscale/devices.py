@@ -11,13 +11,22 @@ PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 225
                     "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = the GPU when one is visible, else the CPU; ``cuda`` without a visible GPU is an error."""
+def pick_device(device: str | torch.device = "auto", *, key: str = "device",
+                cluster_gpus: float | None = None) -> torch.device:
+    """The device of a stage's ``device`` setting (``config.Device``, the same values in every stage config):
+    ``auto`` = cuda when there is a GPU, else cpu; ``cpu``; ``cuda``, an error naming ``key`` when there is none.
+
+    ``cluster_gpus``: for a Ray job's actors or workers, the GPUs of its cluster; None = the GPUs this process sees.
+    """
     device = str(device)
+    if cluster_gpus is None:
+        gpus, where, fix = torch.cuda.is_available(), "no CUDA device is visible here", f"{key}=cpu"
+    else:
+        gpus, where, fix = cluster_gpus > 0, "the Ray cluster has no GPUs", "run on a cluster with GPUs"
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} but no CUDA device is visible here; use device=auto or device=cpu")
+        return torch.device("cuda" if gpus else "cpu")
+    if device.startswith("cuda") and not gpus:
+        raise ConfigError(f"{key}={device} but {where}; set {key}=auto or {fix}")
     return torch.device(device)
 
 

@@ -55,7 +55,7 @@ def test_launcher_config_validates_against_the_installed_ray_schema(name):
     key, machine = GPU_NODE[name]
     assert types["gpu"]["node_config"][key] == machine
     assert types["cpu"]["resources"]["decode"] > 0
-    # stages with use_gpu/device "auto" look at the GPUs present when they start: keep one GPU node up
+    # stages with device "auto" look at the GPUs present when they start: keep one GPU node up
     assert types["gpu"]["min_workers"] >= 1
     # the image runs the Ray version this project is tested with (client and cluster must match)
     assert config["docker"]["image"].split(":")[1].startswith(ray.__version__ + "-")

@@ -146,3 +146,82 @@ def test_cli_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path)
     assert not (tmp_path / "o").exists()  # nothing ran
     assert main(["train-prior", "model.depthh=3", "--print-config"]) == 2
     assert "did you mean 'model.overrides.depth'?" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# One vocabulary for "which device": a `device` key with the values auto / cpu / cuda in every stage that computes
+
+
+def _device_keys(cls: type, prefix: str = "") -> list[str]:
+    import typing
+
+    from nextscale.config import Device
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _device_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif f.name == "device" or "gpu" in f.name:
+            assert hints[f.name] == Device, f"{prefix}{f.name}"
+            out.append(prefix + f.name)
+    return out
+
+
+def test_every_stage_names_its_device_with_the_same_key_and_values():
+    keys = {name: _device_keys(stage.config) for name, stage in STAGES.items()}
+    assert keys == {"tokenize": ["device"], "train-tokenizer": ["workers.device"], "train-prior": ["workers.device"],
+                    "sample": ["device"], "fid": ["device"], "demo": [], "bench": ["device"]}
+
+
+@pytest.mark.parametrize("stage, old, new_key, value", [
+    ("tokenize", "use_gpu=auto", "device", "auto"),
+    ("tokenize", "use_gpu=true", "device", "cuda"),
+    ("tokenize", "use_gpu=false", "device", "cpu"),
+    ("train-prior", "use_gpu=true", "workers.device", "cuda"),  # the key before the workers section
+    ("train-prior", "workers.use_gpu=false", "workers.device", "cpu"),
+    ("train-tokenizer", "workers.use_gpu=true", "workers.device", "cuda"),
+])
+def test_the_old_gpu_keys_load_as_device_with_a_warning_naming_it(stage, old, new_key, value, caplog):
+    extra = ["steps=1"] if stage == "train-prior" else []
+    cfg = load_config(STAGES[stage].config, None, [old, *extra])
+    section = cfg.workers if new_key.startswith("workers.") else cfg
+    assert section.device == value
+    assert f"config key {old.partition('=')[0]!r} is deprecated, use {new_key!r}" in caplog.text
+
+
+def test_an_old_gpu_key_from_a_yaml_file_and_its_mistakes(tmp_path):
+    path = tmp_path / "prior.yaml"
+    path.write_text("steps: 1\nworkers:\n  count: 2\n  use_gpu: true\n")
+    assert load_config(STAGES["train-prior"].config, str(path)).workers.device == "cuda"
+    with pytest.raises(ConfigError, match="'workers.use_gpu' and 'workers.device' are both set"):
+        load_config(STAGES["train-prior"].config, str(path), ["workers.device=cpu"])
+    with pytest.raises(ConfigError, match="'use_gpu' must be true or false, got 'maybe'"):
+        load_config(STAGES["tokenize"].config, None, ["use_gpu=maybe"])
+
+
+@pytest.mark.parametrize("stage", ["sample", "fid"])
+def test_the_old_top_level_sampling_keys_load_into_the_sampling_section(stage, caplog):
+    cfg = load_config(STAGES[stage].config, None, ["cfg=2.5", "top_k=10"])
+    assert (cfg.sampling.guidance, cfg.sampling.top_k) == (2.5, 10)
+    assert "config key 'cfg' is deprecated, use 'sampling.guidance'" in caplog.text
+    cfg = load_config(STAGES[stage].config, None, ["sampling.cfg=3"])  # the section's own old name of guidance
+    assert cfg.sampling.guidance == 3.0
+    assert "config key 'sampling.cfg' is deprecated, use 'sampling.guidance'" in caplog.text
+
+
+def test_pick_device_is_the_one_rule_for_this_process_and_for_a_ray_cluster():
+    import torch
+
+    from nextscale.devices import pick_device
+
+    assert pick_device("cpu", cluster_gpus=4) == torch.device("cpu")
+    assert pick_device("auto", cluster_gpus=0) == torch.device("cpu")
+    assert pick_device("auto", cluster_gpus=2) == torch.device("cuda")  # a job's actors, wherever the GPUs are
+    with pytest.raises(ConfigError, match="workers.device=cuda but the Ray cluster has no GPUs; set "
+                                          "workers.device=auto or run on a cluster with GPUs"):
+        pick_device("cuda", key="workers.device", cluster_gpus=0)
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda but no CUDA device is visible here; set device=auto or "
+                                              "device=cpu"):
+            pick_device("cuda")

@@ -181,7 +181,7 @@ def test_demo_configs_load():
         assert cfg.output
     d16 = load_config(PriorTrainConfig, "prior_d16")
     assert (d16.data.batch_size, d16.epochs, d16.optim.final_lr_ratio) == (768, 200, 0.1)
-    assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.workers.use_gpu
+    assert d16.optim.peak_lr(768) == pytest.approx(3e-4) and d16.model.preset == "d16" and d16.workers.device == "cuda"
     assert (d16.workers.count, d16.data.loader_processes) == (8, 4)
     d30 = load_config(PriorTrainConfig, "prior_d30")
     assert (d30.optim.base_lr, d30.optim.wd_end, d30.data.batch_size) == (8e-5, 0.08, 1024)
@@ -194,8 +194,9 @@ def test_demo_configs_load():
 def test_old_worker_keys_still_load_with_a_deprecation_warning(caplog):
     cfg = load_config(PriorTrainConfig, None, ["steps=1", "num_workers=4", "max_failures=0", "use_gpu=true",
                                                "data.num_workers=2"])
-    assert (cfg.workers.count, cfg.workers.max_failures, cfg.workers.use_gpu, cfg.data.loader_processes) == (4, 0, True, 2)
+    assert (cfg.workers.count, cfg.workers.max_failures, cfg.workers.device, cfg.data.loader_processes) == (4, 0, "cuda", 2)
     assert "'num_workers' is deprecated, use 'workers.count'" in caplog.text
+    assert "'use_gpu' is deprecated, use 'workers.device' (use_gpu=true is device=cuda" in caplog.text
     assert "'data.num_workers' is deprecated, use 'data.loader_processes'" in caplog.text
     with pytest.raises(ConfigError, match="'num_workers' and 'workers.count' are both set"):
         load_config(PriorTrainConfig, None, ["steps=1", "num_workers=4", "workers.count=2"])

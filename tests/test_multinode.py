@@ -103,7 +103,7 @@ def scenario(bucket: str, workdir: str) -> dict:
 
         def job(output: str) -> dict:
             cfg = TokenizeConfig(input=images, output=output, tokenizer="golden_tiny", samples_per_shard=PER_SHARD,
-                                 batch_size=2, use_gpu=False, num_encoders=1, encoder_num_cpus=1.0,
+                                 batch_size=2, device="cpu", num_encoders=1, encoder_num_cpus=1.0,
                                  decode_resources={"decode": 1}, encoder_resources={"encode": 1})
             return tj.run(cfg)
 

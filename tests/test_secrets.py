@@ -57,7 +57,7 @@ def test_a_local_job_leaves_no_secret_in_ray_logs_outputs_or_the_bucket(s3_bucke
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(AWS_SECRET_ACCESS_KEY=secret_key, WANDB_API_KEY=wandb_key, RAY_TMPDIR=ray_tmp)
     cmd = [sys.executable, "-m", "nextscale.cli", "tokenize", f"input={s3_bucket}/images", f"tokenizer={TOKENIZER}",
-           f"output={s3_bucket}/codes", "samples_per_shard=2", "batch_size=2", "num_encoders=1", "use_gpu=false",
+           f"output={s3_bucket}/codes", "samples_per_shard=2", "batch_size=2", "num_encoders=1", "device=cpu",
            "ray.num_cpus=2"]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300)

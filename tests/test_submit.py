@@ -257,7 +257,7 @@ def test_tokenize_train_fid_chain_through_the_job_api_attach_and_resume(cluster_
     save_tokenizer(build_vqvae("golden_tiny"), f"{b}/weights/tokenizer.pt")  # 64 px, V=64, scales (1, 2, 3, 4)
     tok = _yaml(tmp_path / "tokenize.yaml", {
         "input": f"{b}/images", "tokenizer": f"{b}/weights/tokenizer.pt", "output": f"{b}/codes",
-        "samples_per_shard": 4, "batch_size": 4, "use_gpu": False, "num_encoders": 1})
+        "samples_per_shard": 4, "batch_size": 4, "device": "cpu", "num_encoders": 1})
     prior = _yaml(tmp_path / "prior.yaml", {
         "model": {"preset": "golden_tiny", "overrides": {"num_classes": 2}},
         "data": {"url": f"{b}/codes", "batch_size": 4, "shuffle_buffer": 4},

@@ -8,9 +8,9 @@ Inception-v3, the ADM ``VIRTUAL_imagenet256_labeled.npz`` reference.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, require
+from nextscale.config import Device, RayConfig, StorageConfig, WandbConfig, doc, require
 from nextscale.prior.sample import SamplingConfig
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -33,7 +33,7 @@ class ModelsConfig:
 
 
 # the sampling keys lived at the top of the sample / fid configs before they had a section of their own
-_SAMPLING_ALIASES = {"cfg": "sampling.guidance", "top_k": "sampling.top_k", "top_p": "sampling.top_p",
+_SAMPLING_RENAMED = {"cfg": "sampling.guidance", "top_k": "sampling.top_k", "top_p": "sampling.top_p",
                      "more_smooth": "sampling.more_smooth"}
 
 
@@ -64,7 +64,7 @@ class EditConfig:
 class SampleConfig:
     """Pictures from a trained prior: a class grid, a coarse-to-fine figure and optional zero-shot edits."""
 
-    ALIASES: ClassVar[dict[str, str]] = _SAMPLING_ALIASES
+    RENAMED: ClassVar[dict[str, str]] = _SAMPLING_RENAMED
 
     models: ModelsConfig = doc(ModelsConfig(), "prior and tokenizer weights")
     classes: tuple[int, ...] = doc((0, 1, 2, 3, 4, 5, 6, 7), "classes shown in the grid (one row each)")
@@ -76,7 +76,7 @@ class SampleConfig:
     padding: int = doc(2, "pixels between tiles")
     edit: EditConfig = doc(EditConfig(), "zero-shot editing figure")
     output: str = doc("runs/sample", "output URL: grid.png, coarse_to_fine.png, edit.png, summary.json, config.yaml")
-    device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = cuda when available")
+    device: Device = doc("auto", "cpu, cuda, or auto = cuda when this process sees a GPU")
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases (the pictures are logged as images)")
 
     def __post_init__(self) -> None:
@@ -126,7 +126,7 @@ class ClassifierCheckConfig:
 class FidConfig:
     """Sample N images on Ray (class i // samples_per_class, seed from i), then FID / IS / precision / recall."""
 
-    ALIASES: ClassVar[dict[str, str]] = _SAMPLING_ALIASES
+    RENAMED: ClassVar[dict[str, str]] = _SAMPLING_RENAMED
 
     models: ModelsConfig = doc(ModelsConfig(), "prior and tokenizer weights")
     num_samples: int = doc(50_000, "images to sample (paper: 50,000)")
@@ -139,8 +139,8 @@ class FidConfig:
     num_sampler_actors: int = doc(0, "sampler actors; 0 = one per GPU of the cluster, or 1 without GPUs")
     num_feature_actors: int = doc(1, "feature-extractor actors")
     cpus_per_actor: float = doc(1.0, "CPUs Ray reserves per actor")
-    device: Literal["auto", "cpu", "cuda"] = doc("auto", "auto = one GPU per sampler/extractor actor when the "
-                                                         "cluster has GPUs, else CPU")
+    device: Device = doc("auto", "cuda = one GPU per sampler / extractor actor, cpu, or auto = cuda when the Ray "
+                                 "cluster has GPUs")
     feature_extractor: str = doc("inception-v3-compat", "feature extractor: inception-v3-compat (torch-fidelity's "
                                                         "port of the TF Inception, pool3 2048 + logits) or a "
                                                         "registered one (random-conv-test in tests)")

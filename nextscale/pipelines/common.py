@@ -18,7 +18,8 @@ import ray
 
 import nextscale
 from nextscale import storage
-from nextscale.config import ConfigError, RayConfig
+from nextscale.config import Device, RayConfig
+from nextscale.devices import pick_device
 from nextscale.pipelines import watchdog
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,8 @@ def _start_watchdog() -> None:
 _WATCHDOG: subprocess.Popen | None = None
 
 
-def use_gpus(device: str | bool, key: str) -> bool:
-    """Whether a Ray job's actors take a GPU each: ``auto`` = when the cluster has any; ``cpu`` (or false) never;
-    ``cuda`` (or true) always, and a cluster without GPUs is an error naming ``key``."""
-    if device in ("cpu", False):
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device in ("cuda", True) and not gpus:
-        raise ConfigError(f"{key}={str(device).lower()} but the Ray cluster has no GPUs; set {key}=auto or run on "
-                          "a cluster with GPUs")
-    return gpus > 0
+def use_gpus(device: Device, key: str) -> bool:
+    """Whether a Ray job's actors or workers take a GPU each, from the stage's ``device`` setting and the cluster's
+    GPUs (``devices.pick_device``: a cluster without GPUs is an error for ``cuda``, naming ``key``)."""
+    gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
+    return pick_device(device, key=key, cluster_gpus=gpus).type == "cuda"

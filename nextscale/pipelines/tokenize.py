@@ -362,7 +362,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
              L: int, num_classes: int) -> tuple[int, dict[str, float]]:
     """Make the ``todo`` shards; returns (images processed, encoder timing)."""
     init_ray(cfg.ray)
-    gpu = use_gpus(cfg.use_gpu, "use_gpu")
+    gpu = use_gpus(cfg.device, "device")
     n_enc = cfg.num_encoders or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
     # the tokenizer goes through the object store: workers need no access to the driver's files
     tok_payload = ray.put(tok_source) if isinstance(tok_source, bytes) else tok_source
@@ -488,7 +488,7 @@ def measure_throughput(data: str, out: str, *, tokenizer_preset: str = "demo", b
                          samples_per_shard=max(1, -(-n_images // num_shards)), encoder_num_cpus=encoder_num_cpus,
                          ray=ray_cfg or RayConfig())
     init_ray(cfg.ray)
-    gpu = use_gpus(cfg.use_gpu, "use_gpu")
+    gpu = use_gpus(cfg.device, "device")
     probe = ray.remote(num_cpus=encoder_num_cpus, num_gpus=1 if gpu else 0)(_encode_only)
     views_per_s = ray.get(probe.remote(tokenizer_preset, batch_size, int(encoder_num_cpus), encode_seconds))
     summary = run(cfg)

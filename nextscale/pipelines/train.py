@@ -37,10 +37,11 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 
 from nextscale import storage
 from nextscale.checkpoint import run_id
+from nextscale.devices import pick_device
 from nextscale.errors import UserError, is_transient
 from nextscale.eval.plots import prior_pictures, tokenizer_pictures
 from nextscale.logs import setup_logging
-from nextscale.pipelines.common import dashboard_url, init_ray
+from nextscale.pipelines.common import dashboard_url, init_ray, use_gpus
 from nextscale.prior.config import PriorTrainConfig
 from nextscale.prior.engine import train_prior
 from nextscale.prior.parallelize import parallelize
@@ -176,13 +177,14 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
     if not storage.is_remote(cfg.output):
         os.makedirs(path, exist_ok=True)
     workers = cfg.workers
+    gpu = use_gpus(workers.device, "workers.device")
     resources = {"CPU": workers.cpus_per_worker}
-    if workers.use_gpu:
+    if gpu:
         resources["GPU"] = 1
     trainer = Trainer(
         _worker,
         train_loop_config={"cfg": cfg, "kind": kind, "context_cls": context_cls},
-        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_id(kind, cfg.output), storage_path=path, storage_filesystem=fs,
@@ -194,7 +196,7 @@ def fit(kind: str, cfg: Any, context_cls: type = RayTrainContext) -> ray.train.R
         ),
     )
     log.info("Ray Train: %s on %d worker(s) (%s), run %s, storage %s", kind, workers.count,
-             "GPU" if workers.use_gpu else "CPU", run_id(kind, cfg.output), storage.join(cfg.output, "ray"))
+             "GPU" if gpu else "CPU", run_id(kind, cfg.output), storage.join(cfg.output, "ray"))
     try:
         result = trainer.fit()
     except WorkerGroupError as e:
@@ -211,7 +213,7 @@ def run_prior(cfg: PriorTrainConfig) -> dict:
     """``nextscale train-prior``: train the VAR prior on code shards; returns the run's summary."""
     storage.configure(cfg.storage)
     if cfg.workers.count == 0:
-        device = "cuda" if cfg.workers.use_gpu and torch.cuda.is_available() else "cpu"
+        device = pick_device(cfg.workers.device, key="workers.device")
         ctx = LocalContext(cfg.output, device=device, num_to_keep=cfg.keep_checkpoints)
         summary = train_prior(cfg, ctx, prior_pictures)
     else:

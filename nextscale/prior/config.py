@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from nextscale.config import (
     RENAMED_WORKER_KEYS,
     RayConfig,
+    Renamed,
     StorageConfig,
     TensorBoardConfig,
     WandbConfig,
@@ -143,7 +144,7 @@ class PriorTrainConfig:
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
     tensorboard: TensorBoardConfig = doc(TensorBoardConfig(), "TensorBoard")
 
-    RENAMED: ClassVar[dict[str, str]] = RENAMED_WORKER_KEYS
+    RENAMED: ClassVar[dict[str, str | Renamed]] = RENAMED_WORKER_KEYS
 
     def __post_init__(self) -> None:
         require((self.steps > 0) != (self.epochs > 0),

@@ -32,7 +32,7 @@ from nextscale.prior.model import NextScalePrior
 class SamplingConfig:
     """How images are drawn from the prior; the defaults are the paper's FID protocol."""
 
-    ALIASES: ClassVar[dict[str, str]] = {"cfg": "guidance"}
+    RENAMED: ClassVar[dict[str, str]] = {"cfg": "guidance"}
 
     guidance: float = doc(1.5, "classifier-free guidance weight at the last scale, ramping from 0 at the first "
                                "(the official `cfg`; paper: 1.5; 0 = no guidance)")

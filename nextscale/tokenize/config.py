@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from nextscale.config import (
     RENAMED_WORKER_KEYS,
     RayConfig,
+    Renamed,
     StorageConfig,
     TensorBoardConfig,
     WandbConfig,
@@ -122,7 +123,7 @@ class TokenizerTrainConfig:
     wandb: WandbConfig = doc(WandbConfig(), "Weights & Biases")
     tensorboard: TensorBoardConfig = doc(TensorBoardConfig(), "TensorBoard")
 
-    RENAMED: ClassVar[dict[str, str]] = RENAMED_WORKER_KEYS
+    RENAMED: ClassVar[dict[str, str | Renamed]] = RENAMED_WORKER_KEYS
 
     def __post_init__(self) -> None:
         vq = self.vqvae_config()

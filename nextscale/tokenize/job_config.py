@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
-from nextscale.config import RayConfig, StorageConfig, WandbConfig, doc, require
+from nextscale.config import (
+    Device,
+    RayConfig,
+    Renamed,
+    StorageConfig,
+    WandbConfig,
+    doc,
+    require,
+    use_gpu_renamed,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     """Decode images, make K augmented views each, encode them with a multi-scale VQVAE, write code shards."""
+
+    RENAMED: ClassVar[dict[str, Renamed]] = {"use_gpu": use_gpu_renamed("device")}
 
     input: str = doc("data/demo/train", "images: an ImageFolder root (<root>/<class>/<image>), webdataset image "
                                          "tars (jpg/cls) or parquet files (image bytes + label columns): a folder "
@@ -48,7 +59,8 @@ class TokenizeConfig:
                                      "fast kernels (same codes up to float rounding; part of the job's settings)")
     num_encoders: int = doc(0, "encoder actors; 0 = one per GPU, or 1 without GPUs")
     encoder_num_cpus: float = doc(1.0, "CPUs reserved per encoder actor (its torch threads when on CPU)")
-    use_gpu: Literal["auto", True, False] = doc("auto", "encode on GPUs: auto = when the Ray cluster has any")
+    device: Device = doc("auto", "cuda = encode on GPUs (one per encoder actor), cpu, or auto = cuda when the Ray "
+                                 "cluster has GPUs")
     decode_resources: dict[str, float] = doc({}, "custom Ray resources per decode task, e.g. {decode: 1} to keep "
                                                  "decoding on the nodes that advertise them (configs/cluster)")
     encoder_resources: dict[str, float] = doc({}, "custom Ray resources per encoder actor, e.g. {encode: 1}")

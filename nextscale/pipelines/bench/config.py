@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from nextscale.config import RayConfig, doc, require
+from nextscale.config import Device, RayConfig, doc, require
 
 FIGURES = ("train", "sample", "encode", "loader", "tokenize", "mvar")
 TRAIN_LEVERS = ("flex", "compile", "chunked_ce", "prefetch", "fused_adamw")
@@ -14,7 +14,7 @@ TRAIN_LEVERS = ("flex", "compile", "chunked_ce", "prefetch", "fused_adamw")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     what: tuple[str, ...] = doc(FIGURES, f"figures to measure, any of {', '.join(FIGURES)}")
-    device: str = doc("auto", "cuda, cpu or auto")
+    device: Device = doc("auto", "cpu, cuda, or auto = cuda when this process sees a GPU")
     prior_presets: tuple[str, ...] = doc(("auto",), "VAR presets, each measured in turn; auto = d16 on a GPU, "
                                                     "demo on a CPU")
     tokenizer_preset: str = doc("auto", "VQVAE preset paired with a VAR preset other than demo (demo pairs with "
