@@ -108,70 +108,92 @@ def sample_codes(var: NextScalePrior, quantizer, label_B: Tensor, *, generator: 
     same tokens). ``graphs`` (CUDA, implies ``static_cache``): each scale's transformer pass is replayed as
     a CUDA graph (``torch.compile(mode="reduce-overhead")``, one graph per scale, captured on first use).
     """
-    device = var.pos_start.device
-    if generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}: "
-                         f"use torch.Generator(device={device.type!r})")
-    patch_nums, S, V, Cv = var.patch_nums, len(var.patch_nums), var.V, var.Cv
-    if tuple(quantizer.patch_nums) != tuple(patch_nums) or quantizer.Cv != Cv or quantizer.vocab_size != V:
-        raise ValueError(f"the quantizer (patch_nums {tuple(quantizer.patch_nums)}, Cv {quantizer.Cv}, "
-                         f"V {quantizer.vocab_size}) does not match the VAR (patch_nums {patch_nums}, Cv {Cv}, V {V})")
+    device = _check_devices_and_quantizer(var, quantizer, generator)
     label_B = torch.as_tensor(label_B, device=device).long().view(-1)
-    B = label_B.shape[0]
-    known_codes_BL, known_mask_BL = _check_known(known_codes_BL, known_mask_BL, B, var.L, V)
+    B, Cv, S = label_B.shape[0], var.Cv, len(var.patch_nums)
+    known_codes_BL, known_mask_BL = _check_known(known_codes_BL, known_mask_BL, B, var.L, var.V)
     if known_codes_BL is not None:
         known_codes_BL, known_mask_BL = known_codes_BL.to(device), known_mask_BL.to(device)
     use_amp = device.type == "cuda" if autocast is None else autocast
+    graphs = graphs and device.type == "cuda"
+    run_blocks = _graphed_run_blocks(var) if graphs else var.run_blocks
     begin_ends = var.scale_begin_ends()
-    codebook = quantizer.embedding
 
     with torch.autocast(device_type=device.type, enabled=False):
         cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
         next_BlC = var.sos_tokens(cond_BD)
-    f_hat = torch.zeros(B, Cv, patch_nums[-1], patch_nums[-1], device=device)
+    f_hat = torch.zeros(B, Cv, var.patch_nums[-1], var.patch_nums[-1], device=device)
     idx_list: list[Tensor] = []
-    graphs = graphs and device.type == "cuda"
-    run_blocks = _graphed_run_blocks(var) if graphs else var.run_blocks
     cache_dtype = torch.bfloat16 if use_amp else torch.float32
     with var.kv_caching(static_B=2 * B if static_cache or graphs else 0, dtype=cache_dtype):
-        for si, pn in enumerate(patch_nums):
+        for si, pn in enumerate(var.patch_nums):
             ratio = si / (S - 1) if S > 1 else 0.0
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits_2BlV = run_blocks(next_BlC, cond_BD, attn_bias=None)
             if graphs:
                 logits_2BlV = logits_2BlV.clone()  # the graph's output buffer is overwritten by the next replay
-            t = sampling.guidance * ratio
-            guided_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            filtered_BlV = top_k_top_p_filter_(guided_BlV.clone() if record is not None else guided_BlV,
-                                               sampling.top_k, sampling.top_p)
-            probs_NV = filtered_BlV.softmax(dim=-1).view(-1, V)
-            idx_Bl = torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, -1)
             b, e = begin_ends[si]
-            if known_codes_BL is not None:
-                idx_Bl = torch.where(known_mask_BL[:, b:e], known_codes_BL[:, b:e], idx_Bl)
+            known = None if known_codes_BL is None else (known_codes_BL[:, b:e], known_mask_BL[:, b:e])
+            idx_Bl, filtered_BlV = _draw_scale(logits_2BlV, sampling.guidance * ratio, sampling, generator, known,
+                                               record)
             idx_list.append(idx_Bl)
-            if record is not None:
-                record.setdefault("logits_raw", []).append(logits_2BlV)
-                record.setdefault("logits_guided", []).append(guided_BlV)
-                record.setdefault("logits_filtered", []).append(filtered_BlV)
-
-            if sampling.more_smooth:
-                tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # MaskGIT-style annealing, as the official code
-                h_BlCv = gumbel_softmax(filtered_BlV.mul(1 + ratio), tau, generator) @ codebook.weight.unsqueeze(0)
-                if known_codes_BL is not None:
-                    h_BlCv = torch.where(known_mask_BL[:, b:e, None], codebook(idx_Bl), h_BlCv)
-            else:
-                h_BlCv = codebook(idx_Bl)
+            h_BlCv = _scale_embedding(idx_Bl, filtered_BlV, ratio, sampling, quantizer.embedding, generator, known)
             # the official (B, Cv, pn, pn) view of (B, l, Cv): a transpose, not a copy (Phi sees the same layout)
             h_BChw = h_BlCv.transpose(1, 2).reshape(B, Cv, pn, pn)
             f_hat, next_BCvhw = quantizer.next_autoregressive_input(si, f_hat, h_BChw)
             if si < S - 1:
-                nb, ne = begin_ends[si + 1]
                 with torch.autocast(device_type=device.type, enabled=False):
-                    next_BlC = var.word_tokens(next_BCvhw.reshape(B, Cv, -1).transpose(1, 2), nb, ne).repeat(2, 1, 1)
+                    next_BlC = var.word_tokens(next_BCvhw.reshape(B, Cv, -1).transpose(1, 2),
+                                               *begin_ends[si + 1]).repeat(2, 1, 1)
     if record is not None:
         record["f_hat"] = [f_hat]
     return torch.cat(idx_list, dim=1)
+
+
+def _check_devices_and_quantizer(var: NextScalePrior, quantizer, generator: torch.Generator) -> torch.device:
+    """The model's device, after checking that the generator lives there and the quantizer matches the model."""
+    device = var.pos_start.device
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}: "
+                         f"use torch.Generator(device={device.type!r})")
+    patch_nums, V, Cv = var.patch_nums, var.V, var.Cv
+    if tuple(quantizer.patch_nums) != tuple(patch_nums) or quantizer.Cv != Cv or quantizer.vocab_size != V:
+        raise ValueError(f"the quantizer (patch_nums {tuple(quantizer.patch_nums)}, Cv {quantizer.Cv}, "
+                         f"V {quantizer.vocab_size}) does not match the VAR (patch_nums {patch_nums}, Cv {Cv}, V {V})")
+    return device
+
+
+def _draw_scale(logits_2BlV: Tensor, t: float, sampling: SamplingConfig, generator: torch.Generator,
+                known: tuple[Tensor, Tensor] | None, record: dict[str, list[Tensor]] | None) -> tuple[Tensor, Tensor]:
+    """One scale's codes (B, l) and its filtered logits (B, l, V): guidance weight ``t``, top-k / top-p, one
+    multinomial draw per token; ``known`` (codes, mask) of this scale replace the drawn codes where the mask is set."""
+    B = logits_2BlV.shape[0] // 2
+    guided_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+    filtered_BlV = top_k_top_p_filter_(guided_BlV.clone() if record is not None else guided_BlV,
+                                       sampling.top_k, sampling.top_p)
+    probs_NV = filtered_BlV.softmax(dim=-1).view(-1, filtered_BlV.shape[-1])
+    idx_Bl = torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=generator).view(B, -1)
+    if known is not None:
+        idx_Bl = torch.where(known[1], known[0], idx_Bl)
+    if record is not None:
+        record.setdefault("logits_raw", []).append(logits_2BlV)
+        record.setdefault("logits_guided", []).append(guided_BlV)
+        record.setdefault("logits_filtered", []).append(filtered_BlV)
+    return idx_Bl, filtered_BlV
+
+
+def _scale_embedding(idx_Bl: Tensor, filtered_BlV: Tensor, ratio: float, sampling: SamplingConfig,
+                     codebook: torch.nn.Embedding, generator: torch.Generator,
+                     known: tuple[Tensor, Tensor] | None) -> Tensor:
+    """What f_hat takes from a scale (B, l, Cv): the drawn codes' embeddings, or with ``more_smooth`` a
+    Gumbel-softmax mixture of the codebook (the known codes kept as they are)."""
+    if not sampling.more_smooth:
+        return codebook(idx_Bl)
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # MaskGIT-style annealing, as the official code
+    h_BlCv = gumbel_softmax(filtered_BlV.mul(1 + ratio), tau, generator) @ codebook.weight.unsqueeze(0)
+    if known is not None:
+        h_BlCv = torch.where(known[1][..., None], codebook(idx_Bl), h_BlCv)
+    return h_BlCv
 
 
 def _graphed_run_blocks(var: NextScalePrior):
