@@ -211,7 +211,7 @@ def test_fid_config_defaults_are_the_paper_protocol_and_checks_name_the_key():
     old = load_config(FidConfig, None, ["cfg=2.5", "top_k=7", "more_smooth=true"])
     assert old.sampling == SamplingConfig(guidance=2.5, top_k=7, more_smooth=True)
     assert load_config(SampleConfig, None, ["sampling.cfg=3"]).sampling.guidance == 3.0
-    with pytest.raises(ConfigError, match="keep 'sampling.guidance'"):
+    with pytest.raises(ConfigError, match="are both set; keep only 'sampling.guidance'"):
         load_config(FidConfig, None, ["cfg=2.5", "sampling.guidance=1"])
     with pytest.raises(ConfigError, match="save_npz"):
         load_config(FidConfig, None, ["classifier.train_images=a", "classifier.heldout_images=b"])
