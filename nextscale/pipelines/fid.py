@@ -321,20 +321,8 @@ def run(cfg: FidConfig) -> dict:
     storage.configure(cfg.storage)
     init_ray(cfg.ray)
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
-    # fail fast on the driver (missing weights, unknown extractor) before any actor starts
-    fallback_reason = ""
-    try:
-        probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
-    except feature_lib.InceptionWeightsMissing as e:
-        if not cfg.feature_fallback:
-            raise
-        fallback_reason = str(e)
-        log.warning("fid: %s; using feature_extractor=%s instead (its FID is not an Inception FID)", e,
-                    cfg.feature_fallback)
-        cfg = dataclasses.replace(cfg, feature_extractor=cfg.feature_fallback)
-        probe = feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+    cfg, fallback_reason = _extractor_or_fallback(cfg)
     tok_cfg = load_tokenizer(cfg.models.tokenizer_url, preset=cfg.models.tokenizer_preset, device="meta")[0].cfg
-    del probe
     use_gpu = use_gpus(cfg.device, "device")
     num_samplers = cfg.num_sampler_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
     device = "cuda" if use_gpu else "cpu"
@@ -350,36 +338,11 @@ def run(cfg: FidConfig) -> dict:
         storage.write_bytes(storage.join(cfg.output, "reference_stats.npz"), buf.getvalue())
 
     t_sample = time.perf_counter()
-    # a rerun (or the resubmission after a lost node) samples only the groups whose features are not stored
-    store = groups_store(cfg)
-    done = set(stored_groups(store))
-    todo = sorted(set(range(cfg.num_groups)) - done)
-    log.info("fid: %d of %d groups already stored under %s; sampling %d", len(done), cfg.num_groups, store, len(todo))
-    streamed: Iterable = ()
-    if todo:
-        # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
-        # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
-        ds = ray.data.from_items([{"id": g} for g in todo], override_num_blocks=min(len(todo), 256))
-        ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
-                            num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
-        ds = _extract_dataset(ds, cfg, use_gpu, keep_images=cfg.save_npz, store=store)
-        streamed = ds.iter_batches(batch_size=None, batch_format="numpy")
-    tally = SampleTally(cfg.num_samples, cfg.num_classes, keep_features=cfg.precision_recall and "features" in ref,
-                        keep_images=cfg.save_npz)
-    in_order = GroupOrder(streamed, store, done, cfg.num_groups)
-    for batch in in_order:
-        tally.add(batch)
-    tally.close()
+    tally, in_order, done, todo = _sample_and_extract(cfg, device, num_samplers, ref)
     sample_seconds = time.perf_counter() - t_sample
     sampled = sum(len(group_indices(g, cfg.group_size, cfg.num_samples)) for g in todo)
 
-    stats = tally.stats
-    result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
-    if cfg.inception_score and tally.scores.seen:
-        result["inception_score"], result["inception_score_std"] = tally.scores.score()
-    if "pool" in tally.kept:
-        result["precision"], result["recall"] = precision_recall(ref["features"], tally.result("pool"), k=3)
+    result = _metrics(cfg, tally, ref)
     counts = tally.label_counts[tally.label_counts > 0]
     result.update({
         "num_samples": cfg.num_samples, "num_classes": cfg.num_classes, "samples_per_class": cfg.samples_per_class,
@@ -393,12 +356,73 @@ def run(cfg: FidConfig) -> dict:
         "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(sampled / sample_seconds, 2),
         "reference_seconds": round(ref_seconds, 2),
         "output": storage.join(cfg.output, "fid.json"),
-        "sample_stats_sha": stats.digest,
+        "sample_stats_sha": tally.stats.digest,
     })
     if cfg.save_npz:
         write_sample_npz(storage.join(cfg.output, "samples.npz"), tally.result("image"), tally.result("label"))
         result["npz"] = storage.join(cfg.output, "samples.npz")
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    _report(cfg, result)
+    return result
+
+
+def _extractor_or_fallback(cfg: FidConfig) -> tuple[FidConfig, str]:
+    """``cfg`` with the feature extractor that builds here (``feature_fallback`` when the Inception weights are
+    missing, and why): fails fast on the driver (missing weights, unknown extractor) before any actor starts."""
+    try:
+        feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+        return cfg, ""
+    except feature_lib.InceptionWeightsMissing as e:
+        if not cfg.feature_fallback:
+            raise
+        log.warning("fid: %s; using feature_extractor=%s instead (its FID is not an Inception FID)", e,
+                    cfg.feature_fallback)
+        cfg = dataclasses.replace(cfg, feature_extractor=cfg.feature_fallback)
+        feature_lib.build(cfg.feature_extractor, cfg.inception_weights)
+        return cfg, str(e)
+
+
+def _sample_and_extract(cfg: FidConfig, device: str, num_samplers: int,
+                        ref: dict[str, np.ndarray]) -> tuple[SampleTally, GroupOrder, set[int], list[int]]:
+    """Sample and extract the groups whose features are not stored yet, and tally every group in order; returns
+    (tally, the in-order reader, groups resumed, groups sampled)."""
+    # a rerun (or the resubmission after a lost node) samples only the groups whose features are not stored
+    store = groups_store(cfg)
+    done = set(stored_groups(store))
+    todo = sorted(set(range(cfg.num_groups)) - done)
+    log.info("fid: %d of %d groups already stored under %s; sampling %d", len(done), cfg.num_groups, store, len(todo))
+    streamed: Iterable = ()
+    if todo:
+        # group ids as in-memory blocks: no read tasks competing with the actors for CPUs (on a 2-core laptop the
+        # two actor pools may hold every CPU, and a pending read task would starve the pipeline)
+        ds = ray.data.from_items([{"id": g} for g in todo], override_num_blocks=min(len(todo), 256))
+        ds = ds.map_batches(Sampler, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=1,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_samplers),
+                            num_cpus=cfg.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
+        ds = _extract_dataset(ds, cfg, device == "cuda", keep_images=cfg.save_npz, store=store)
+        streamed = ds.iter_batches(batch_size=None, batch_format="numpy")
+    tally = SampleTally(cfg.num_samples, cfg.num_classes, keep_features=cfg.precision_recall and "features" in ref,
+                        keep_images=cfg.save_npz)
+    in_order = GroupOrder(streamed, store, done, cfg.num_groups)
+    for batch in in_order:
+        tally.add(batch)
+    tally.close()
+    return tally, in_order, done, todo
+
+
+def _metrics(cfg: FidConfig, tally: SampleTally, ref: dict[str, np.ndarray]) -> dict:
+    """FID, and IS / precision / recall where configured, of the tallied samples against the reference."""
+    stats = tally.stats
+    result: dict = {"fid": frechet_distance(stats.mu, stats.sigma, ref["mu"], ref["sigma"])}
+    if cfg.inception_score and tally.scores.seen:
+        result["inception_score"], result["inception_score_std"] = tally.scores.score()
+    if "pool" in tally.kept:
+        result["precision"], result["recall"] = precision_recall(ref["features"], tally.result("pool"), k=3)
+    return result
+
+
+def _report(cfg: FidConfig, result: dict) -> None:
+    """Write fid.json, log the numbers to wandb and one summary line."""
     storage.write_json(result["output"], result)
     wandb = WandbRun(cfg.wandb, run_id=f"fid-{cfg.output.rstrip('/').rsplit('/', 1)[-1]}", config=cfg)
     wandb.log({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -409,6 +433,4 @@ def run(cfg: FidConfig) -> dict:
         result["fid"], f", IS {result['inception_score']:.2f}" if "inception_score" in result else "",
         f", precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else "",
         cfg.num_samples, cfg.models.prior_url, result["reference"], cfg.feature_extractor, result["images_per_second"],
-        num_samplers, device, result["seconds"], result["output"])
-    return result
-
+        result["sampler_actors"], result["device"], result["seconds"], result["output"])
