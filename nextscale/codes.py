@@ -462,11 +462,13 @@ class IndexWriter:
         return self.buf.getvalue()
 
 
-def read_index(url: str):
-    """``index.parquet`` under ``url`` as a pyarrow Table."""
+def read_index(url: str, columns: Sequence[str] | None = None, dictionaries: Sequence[str] = ()):
+    """``index.parquet`` under ``url`` as a pyarrow Table (only ``columns``, when given; ``dictionaries``
+    dictionary-encoded: a few bytes per row for columns of few values, as ``shard`` and ``status``)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(url, INDEX))))
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(url, INDEX))), columns=columns,
+                         read_dictionary=dictionaries or None)
 
 
 # ------------------------------------------------------------------------------------------------

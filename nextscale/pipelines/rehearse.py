@@ -16,7 +16,7 @@ For each size (a fraction of 1,281,167 training images, 50,000 validation images
                exactly the same count per class
 
 Each stage runs as its own process (``python -m nextscale.pipelines.rehearse --stage ...``), so its driver's
-peak RSS is its own; Ray's worker processes (children of that process) are sampled from /proc every
+peak RSS (VmHWM, :func:`peak_rss_mb`) is its own; Ray's worker processes (children of that process) are sampled from /proc every
 0.2 s and grouped by their process title (``ray::ShardChunkEncoder``, ``ray::RayTrainWorker`` ...). Results go
 to ``{out}/rehearsal.json`` after every stage; ``slope_*`` entries are log-log slopes between sizes (1 = linear).
 """
@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -108,6 +107,14 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         return dict(sorted(self.peak_mb.items()))
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's own peak RSS in MB: VmHWM, the high-water mark of its address space. Not getrusage's ru_maxrss:
+    Linux carries the spawning process's high-water mark across exec into the child, so every stage started after
+    the rehearsal's own checks at size 1 (1.5 GB) reported their 1.5 GB as its driver's peak."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
 
 
 def _descendants(root: int) -> list[int]:
@@ -193,7 +200,7 @@ def stage_main(argv: list[str]) -> int:
     cfg = load_config(STAGES[name].config, path, overrides)
     summary = STAGES[name].run(cfg)
     summary = {"summary": summary, "spilled_mb": _spilled_mb(),
-               "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+               "driver_peak_rss_mb": peak_rss_mb()}
     print(json.dumps(summary, default=str), flush=True)
     return 0
 
@@ -239,40 +246,53 @@ def codes_written(url: str) -> dict:
 def check_codes(url: str, want: dict, key_to_index) -> dict:
     """Listed = accepted + rejected as the generator says, every class with its count, every accepted key in exactly
     one shard with its label, and the label the generator gave that image (``key_to_index(key)`` -> its index).
-    ``epoch_fingerprint``: what epoch 0 of a loader seeded 0 must yield (:func:`check_loader`), from the same pass."""
+    ``epoch_fingerprint``: what epoch 0 of a loader seeded 0 must yield (:func:`check_loader`), from the same pass.
+
+    The index is held as Arrow columns (about 45 B per row, not Python objects) and each image of the generator as a
+    bool; the shards are read one sample at a time: the job writes both in listing order, so the shards' samples, in
+    manifest order, must be the index's accepted rows in order."""
+    import pyarrow.compute as pc
+
     manifest = codes.Manifest.read(url)
-    index = codes.read_index(url)
-    status = np.asarray(index.column("status").to_pylist())
-    labels = np.asarray(index.column("label").to_numpy())
-    keys = index.column("key").to_pylist()
-    accepted = status == "accepted"
+    index = codes.read_index(url, columns=["key", "label", "shard", "status"], dictionaries=["shard", "status"])
+    ok = pc.equal(index["status"], "accepted").to_numpy(zero_copy_only=False)
+    labels = index["label"].to_numpy()
     problems = []
-    if len(set(keys)) != len(keys):
-        problems.append("duplicate keys in index.parquet")
-    counts = (len(keys), int(accepted.sum()), int((~accepted).sum()))
+    listed = {split: np.zeros(n, dtype=bool) for split, n in key_to_index.sizes.items()}
+    twice = 0
+    for batch in index.select(["key"]).to_batches(max_chunksize=65_536):
+        for key in batch.column(0).to_pylist():
+            split, i = key_to_index(key)
+            twice += bool(listed[split][i])
+            listed[split][i] = True
+    if twice:
+        problems.append(f"{twice} images listed twice in index.parquet")
+    counts = (len(index), int(ok.sum()), int((~ok).sum()))
     if counts != (want["listed"], want["accepted"], want["rejected"]):
         problems.append(f"listed/accepted/rejected {counts} != {(want['listed'], want['accepted'], want['rejected'])}")
     if (manifest.num_listed, manifest.num_samples, manifest.num_rejected) != counts:
         problems.append("manifest counts differ from index.parquet")
-    per_class = np.bincount(labels[accepted], minlength=len(want["accepted_per_class"])).tolist()
+    per_class = np.bincount(labels[ok], minlength=len(want["accepted_per_class"])).tolist()
     if per_class != want["accepted_per_class"]:
         problems.append("accepted images per class differ from the generator's")
-    label_of = dict(zip((k for k, a in zip(keys, accepted) if a), labels[accepted].tolist()))
+    rows = np.flatnonzero(ok)
     truth = synthetic_labels_for(key_to_index)
     seen, fingerprint = 0, 0
     for shard in manifest.shards:
-        for key, codes_KL, label in codes.iter_shard(storage.join(url, shard.name), num_samples=shard.num_samples,
-                                                    sha256=shard.sha256, vocab_size=manifest.vocab_size):
-            seen += 1
+        expect = index.take(rows[seen:seen + shard.num_samples]).to_pydict()
+        samples = codes.iter_shard(storage.join(url, shard.name), num_samples=shard.num_samples, sha256=shard.sha256,
+                                   vocab_size=manifest.vocab_size)
+        for j, (key, codes_KL, label) in enumerate(samples):
             view = codes_KL[view_index(0, 0, key, codes_KL.shape[0])]
             fingerprint = (fingerprint + _sample_hash(view, label)) % 2**64
-            if label_of.pop(key, None) != label or truth(key) != label:
-                problems.append(f"sample {key} in {shard.name}: label {label} is not its image's")
+            row = (expect["key"][j], expect["label"][j], expect["shard"][j]) if j < len(expect["key"]) else None
+            if row != (key, label, shard.name) or truth(key) != label:
+                problems.append(f"sample {key} in {shard.name}: label {label} is not its image's, or index.parquet "
+                                f"lists {row} there")
                 break
-    if label_of:
-        problems.append(f"{len(label_of)} accepted keys are in no shard")
-    if seen != manifest.num_samples:
-        problems.append(f"{seen} samples in the shards, {manifest.num_samples} in the manifest")
+        seen += shard.num_samples
+    if seen != len(rows):
+        problems.append(f"{len(rows) - seen} accepted keys are in no shard")
     return {"ok": not problems, "problems": problems[:5], "listed": counts[0], "accepted": counts[1],
             "rejected": counts[2], "classes_present": int(np.count_nonzero(per_class)),
             "min_per_class": int(min(per_class)), "max_per_class": int(max(per_class)),
