@@ -80,7 +80,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
     # fid: one sample per class of 1,000, counted at the driver
     prior = str(tmp_path / "prior.pt")
     var = build_prior("rehearsal")
-    save_prior(prior, var.cfg, var.state_dict())
+    save_prior(var, prior)
     reference = tmp_path / "reference"
     reference.mkdir()
     for label in range(4):
