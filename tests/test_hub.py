@@ -13,6 +13,7 @@ import torch
 from fake_hub import REGISTRY, FakeHub
 
 from nextscale import storage
+from nextscale.errors import UserError
 from nextscale.prior.families import build_prior
 from nextscale.prior.loader import load_prior
 from nextscale.tokenize.loader import load_tokenizer
@@ -61,5 +62,5 @@ def test_without_huggingface_hub_the_hint_names_the_hub_extra(monkeypatch):
     monkeypatch.delitem(REGISTRY._registry, "hf", raising=False)
     monkeypatch.setitem(REGISTRY.known_implementations, "hf",
                         {"class": "nextscale_absent_module.HfFileSystem", "err": "Install huggingface_hub"})
-    with pytest.raises(RuntimeError, match=r"Install huggingface_hub; pip install 'nextscale\[hub\]'"):
+    with pytest.raises(UserError, match=r"Install huggingface_hub; pip install 'nextscale\[hub\]'"):
         storage.read_bytes("hf://FoundationVision/var/var_d16.pth")
