@@ -467,7 +467,6 @@ def rehearse_s3(data: dict, root: str, logs: str) -> dict:
 # One size
 
 
-
 def _checkpoints(url: str) -> int:
     """Checkpoints Ray Train has committed under ``url`` (listed in its snapshot; a folder alone is not one yet)."""
     count = 0
@@ -486,20 +485,41 @@ def _groups(url: str) -> int:
 
 
 def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
-    """Every stage at ``fraction`` of ImageNet's counts under ``{out}/size-{fraction}``; fills ``result``."""
+    """Every stage at ``fraction`` of ImageNet's counts under ``{out}/size-{fraction}``; fills ``result``
+    (``save()`` after each stage, so a stopped run keeps what it measured)."""
     root = os.path.join(out, f"size-{fraction:g}")
-    data_dir, logs = os.path.join(root, "data"), os.path.join(root, "logs")
+    logs = os.path.join(root, "logs")
     os.makedirs(logs, exist_ok=True)
     t0 = time.perf_counter()
+    data_dir = os.path.join(root, "data")
     data = synthetic_imagenet.make_synthetic_imagenet(data_dir, fraction)
     result["generate"] = {"seconds": round(time.perf_counter() - t0, 2),
                           **folder_bytes(data_dir, r"\.(parquet|tar|png)$")}
     result["counts"] = {**data["sizes"], "imagefolder": data["inputs"]["train_imagefolder"]["listed"]}
-    keys = KeyIndex(data)
+    save()
+    result["tokenize"] = {}
+    rehearse_tokenize(data, root, logs, result["tokenize"], save)
+    if fraction == S3_SIZE:
+        try:
+            result["s3"] = rehearse_s3(data, root, logs)
+        except Exception as e:  # noqa: BLE001 - the other stages' figures are still worth having
+            log.exception("the S3 part failed")
+            result["s3"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    codes_url = os.path.join(root, "codes", "train_parquet")
+    result["loader"] = check_loader(codes_url, result["tokenize"]["train_parquet"]["integrity"]["epoch_fingerprint"])
+    save()
+    prior = os.path.join(root, "prior")
+    result["train"] = {**rehearse_train(codes_url, prior, logs), "rows": result["loader"]["rows"]}
+    save()
+    result["fid"] = rehearse_fid(fraction, f"{prior}/prior.pt", data["inputs"]["val_wds"]["url"], root, logs)
     save()
 
-    tokenize: dict = {}
-    result["tokenize"] = tokenize
+
+def rehearse_tokenize(data: dict, root: str, logs: str, tokenize: dict, save) -> None:
+    """The three input formats tokenized (and the training parquet a second time: every shard verified and
+    skipped), each checked for integrity; fills ``tokenize``."""
+    keys = KeyIndex(data)
     jobs = (("train_parquet", "train_parquet"), ("train_imagefolder", "train_imagefolder"), ("val_wds", "val_wds"))
     for job, source in jobs:
         inp = data["inputs"][source]
@@ -517,26 +537,16 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
                  written=codes_written(url), integrity=check_codes(url, inp, keys))
         tokenize[job] = r
         save()
-        if job == "train_parquet":  # the same job again: every shard verified and skipped
+        if job == "train_parquet":
             again = run_stage("tokenize", "tokenize_rehearsal", [f"input={inp['url']}", f"output={url}"],
                               log_path=os.path.join(logs, "tokenize-rerun.log"))
             again.pop("summary")
             tokenize["train_parquet_rerun"] = again
             save()
 
-    if fraction == S3_SIZE:
-        try:
-            result["s3"] = rehearse_s3(data, root, logs)
-        except Exception as e:  # noqa: BLE001 - the other stages' figures are still worth having
-            log.exception("the S3 part failed")
-            result["s3"] = {"error": f"{type(e).__name__}: {e}"}
-        save()
 
-    codes_url = os.path.join(root, "codes", "train_parquet")
-    result["loader"] = check_loader(codes_url, tokenize["train_parquet"]["integrity"]["epoch_fingerprint"])
-    save()
-
-    prior = os.path.join(root, "prior")
+def rehearse_train(codes_url: str, prior: str, logs: str) -> dict:
+    """train-prior over every code, killed after its first checkpoint and run again to the end (the resume)."""
     shutil.rmtree(prior, ignore_errors=True)
     over = [f"data.url={codes_url}", f"output={prior}"]
     killed = run_stage("train-prior", "prior_rehearsal", over, log_path=os.path.join(logs, "train.log"),
@@ -547,16 +557,19 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
              steps_after_resume=s["steps_trained"], img_per_s=s["img_per_s"], final_loss=s["final_loss"],
              # start-up and restore: the rerun's wall time less its steps at the measured rate
              resume_overhead_s=round(r["seconds"] - s["steps_trained"] * 64 / s["img_per_s"], 2),
-             checkpoints=folder_bytes(prior, r"checkpoint_"), rows=result["loader"]["rows"])
-    result["train"] = r
-    save()
+             checkpoints=folder_bytes(prior, r"checkpoint_"))
+    return r
 
+
+def rehearse_fid(fraction: float, prior_url: str, reference: str, root: str, logs: str) -> dict:
+    """The fid job (``FID_PER_CLASS x fraction`` samples in each of the 1,000 classes), killed a third of the way
+    and run again to the end, with its per-class sample counts checked."""
     per_class = max(1, round(FID_PER_CLASS * fraction))
     n_fid = per_class * synthetic_imagenet.NUM_CLASSES
     fid_out = os.path.join(root, "fid")
     shutil.rmtree(fid_out, ignore_errors=True)
-    over = [f"models.prior_url={prior}/prior.pt", f"num_samples={n_fid}", f"samples_per_class={per_class}",
-            f"reference.images={data['inputs']['val_wds']['url']}", f"output={fid_out}"]
+    over = [f"models.prior_url={prior_url}", f"num_samples={n_fid}", f"samples_per_class={per_class}",
+            f"reference.images={reference}", f"output={fid_out}"]
     groups = -(-n_fid // 50)
     killed = run_stage("fid", "fid_rehearsal", over, log_path=os.path.join(logs, "fid.log"),
                        kill_when=lambda: _groups(fid_out) >= groups // 3)
@@ -569,8 +582,7 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
              labels_per_class_ok=s["labels"] == {"classes": synthetic_imagenet.NUM_CLASSES,
                                                  "min_per_class": per_class, "max_per_class": per_class},
              written=folder_bytes(fid_out))
-    result["fid"] = r
-    save()
+    return r
 
 
 # ------------------------------------------------------------------------------------------------
