@@ -41,6 +41,7 @@ import time
 import tracemalloc
 
 import numpy as np
+import pyarrow.compute as pc
 
 from nextscale import codes, storage, synthetic_imagenet
 from nextscale.config import load_config, split_config_args
@@ -251,8 +252,6 @@ def check_codes(url: str, want: dict, key_to_index) -> dict:
     The index is held as Arrow columns (about 45 B per row, not Python objects) and each image of the generator as a
     bool; the shards are read one sample at a time: the job writes both in listing order, so the shards' samples, in
     manifest order, must be the index's accepted rows in order."""
-    import pyarrow.compute as pc
-
     manifest = codes.Manifest.read(url)
     index = codes.read_index(url, columns=["key", "label", "shard", "status"], dictionaries=["shard", "status"])
     ok = pc.equal(index["status"], "accepted").to_numpy(zero_copy_only=False)
