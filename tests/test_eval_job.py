@@ -43,11 +43,16 @@ def test_reference_items_from_tar_shards(tmp_path):
             info = tarfile.TarInfo(f"s{j}.cls")
             info.size = 1
             tar.addfile(info, io.BytesIO(b"0"))
+        info = tarfile.TarInfo("s3.png")  # damaged: left out with its reason, the others still count
+        info.size = len(buf.getvalue()) // 2
+        tar.addfile(info, io.BytesIO(buf.getvalue()[: info.size]))
     items = list_reference_items(str(shards))
     assert items == [str(shards / "ref-000000.tar")]
     out = load_reference_images({"item": np.array([0]), "url": np.array(items)}, size=16)
-    assert out["image"].shape == (3, 16, 16, 3) and out["key"].tolist() == [0, 1, 2]
+    assert out["image"].shape == (4, 16, 16, 3) and out["key"].tolist() == [0, 1, 2, 3]
     assert out["image"][2].mean() == 80
+    assert out["rejected"][:3].tolist() == ["", "", ""]
+    assert "ref-000000.tar:s3.png: corrupt or truncated image" in out["rejected"][3]
 
 
 @pytest.mark.ray
@@ -56,6 +61,7 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
 
     prior, tokenizer = write_tiny_models(tmp_path / "models")
     _reference_folder(tmp_path / "ref")
+    (tmp_path / "ref" / "c1" / "9.png").write_bytes((tmp_path / "ref" / "c1" / "0.png").read_bytes()[:60])  # damaged
     common = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=11",
               "num_classes=10", "samples_per_class=2", "group_size=4", "sampling.guidance=1.5", "sampling.top_k=0", "sampling.top_p=0.0",
               "feature_batch_size=3", "device=cpu", "cpus_per_actor=0.5",
@@ -88,7 +94,9 @@ def test_fid_job_is_identical_with_one_or_two_actors(ray_local, tmp_path):
     assert "fid.json" in strict_json.check_tree(tmp_path / "one")
     assert saved["fid"] == two["fid"] and saved["sampler_actors"] == 2
     ref = np.load(tmp_path / "one" / "reference_stats.npz")
-    assert ref["features"].shape == (12, 64) and ref["mu"].shape == (64,)
+    assert ref["features"].shape == (12, 64) and ref["mu"].shape == (64,)  # 13 files, the damaged one left out
+    assert one["reference_rejected"]["count"] == 1 and "c1/9.png: corrupt or truncated" in one["reference_rejected"]["first"][0]
+    assert two["reference_rejected"] == {"count": 0, "first": []}
 
 
 @pytest.mark.ray

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from nextscale import storage
+from nextscale.codes import MAX_LISTED_REJECTIONS
 from nextscale.config import dump_yaml, to_dict
 from nextscale.devices import pick_device
 from nextscale.errors import NotFound
@@ -173,25 +174,33 @@ def list_reference_items(url: str) -> list[str]:
     return [storage.join(url, rel) for rel in chosen]
 
 
-def _decode_reference(url: str, data: bytes, size: int) -> np.ndarray:
-    return np.asarray(center_view(open_image(url, data), size))
+def _decode_reference(url: str, data: bytes, size: int) -> tuple[np.ndarray, str]:
+    """(the centre view, "") or (zeros, why the image cannot be used): one damaged file does not end the job."""
+    try:
+        return np.asarray(center_view(open_image(url, data), size)), ""
+    except InputError as e:
+        return np.zeros((size, size, 3), np.uint8), str(e)
 
 
 def load_reference_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray task: decode, resize and centre-crop the images of each item (a file, or every image member of a tar)."""
-    keys, images = [], []
+    """Ray task: decode, resize and centre-crop the images of each item (a file, or every image member of a tar).
+    An image that cannot be decoded comes back as a row with its reason in ``rejected`` ("" for the others)."""
+    keys, images, rejected = [], [], []
     for item, url in zip(batch["item"].tolist(), batch["url"].tolist()):
         if url.endswith(".tar"):
             with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url))) as tar:
                 members = sorted((m for m in tar.getmembers() if m.isfile() and is_image_name(m.name)),
                                  key=lambda m: m.name)
-                for j, m in enumerate(members):
-                    images.append(_decode_reference(f"{url}:{m.name}", tar.extractfile(m).read(), size))
-                    keys.append(item * 10_000_000 + j)
+                decoded = [_decode_reference(f"{url}:{m.name}", tar.extractfile(m).read(), size) for m in members]
+                keys += [item * 10_000_000 + j for j in range(len(members))]
         else:
-            images.append(_decode_reference(url, storage.read_bytes(url), size))
+            decoded = [_decode_reference(url, storage.read_bytes(url), size)]
             keys.append(item * 10_000_000)
-    return {"key": np.array(keys, dtype=np.int64), "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)}
+        images += [image for image, _ in decoded]
+        rejected += [why for _, why in decoded]
+    return {"key": np.array(keys, dtype=np.int64),
+            "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+            "rejected": np.array(rejected, dtype=object)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +287,9 @@ def _extract_dataset(ds, cfg: FidConfig, use_gpu: bool, keep_images: bool, batch
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
 
 
-def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict[str, np.ndarray]:
-    """{"mu", "sigma", "features" (pool, for precision/recall; may be absent)} of the configured reference."""
+def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({"mu", "sigma", "features" (pool, for precision/recall; may be absent)} of the configured reference,
+    why each reference image that could not be decoded was left out)."""
     ref = cfg.reference
     if ref.npz:
         data = load_reference_npz(ref.npz)
@@ -289,30 +299,37 @@ def reference_statistics(cfg: FidConfig, image_size: int, use_gpu: bool) -> dict
         elif "arr_0" in data and cfg.precision_recall:
             images = data["arr_0"][: ref.max_images or None]
             ds = ray.data.from_items([{"key": k, "image": image} for k, image in enumerate(images)])
-            out["features"] = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
-        return out
+            out["features"], _ = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
+        return out, []
     items = list_reference_items(ref.images)
     ds = ray.data.from_items([{"item": i, "url": u} for i, u in enumerate(items)])
     ds = ds.map_batches(load_reference_images, fn_kwargs={"size": image_size}, batch_size=16, batch_format="numpy")
-    features = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
+    features, rejected = _gather_reference(_extract_dataset(ds, cfg, use_gpu, False, cfg.feature_batch_size))
+    if rejected:
+        log.warning("fid: %d reference image(s) could not be used and are left out (listed in fid.json), first: %s",
+                    len(rejected), rejected[0])
     if ref.max_images:
         features = features[: ref.max_images]
     if len(features) < 2:
         raise InputError(f"reference.images={ref.images!r} gave {len(features)} images; statistics need at least 2")
     stats = FeatureStats.in_chunks(features)
-    return {"mu": stats.mu, "sigma": stats.sigma, "features": features}
+    return {"mu": stats.mu, "sigma": stats.sigma, "features": features}, rejected
 
 
-def _gather_reference(ds) -> np.ndarray:
-    keys, pools = [], []
+def _gather_reference(ds) -> tuple[np.ndarray, list[str]]:
+    """The features of the usable rows in key order, and the reasons of the rejected ones in key order."""
+    keys, pools, rejected = [], [], []
     progress = Progress(None, "fid: reference features", unit="img", bar=False)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         keys.append(batch["key"])
         pools.append(batch["pool"])
+        rejected.append(batch["rejected"] if "rejected" in batch else np.full(len(batch["key"]), "", dtype=object))
         progress.update(len(batch["key"]))
     progress.close()
-    key, pool = np.concatenate(keys), np.concatenate(pools)
-    return pool[np.argsort(key, kind="stable")]
+    key, pool, why = np.concatenate(keys), np.concatenate(pools), np.concatenate(rejected)
+    order = np.argsort(key, kind="stable")
+    usable = why[order] == ""
+    return pool[order][usable], why[order][~usable].tolist()
 
 
 def run(cfg: FidConfig) -> dict:
@@ -330,7 +347,7 @@ def run(cfg: FidConfig) -> dict:
              cfg.num_groups, cfg.group_size, num_samplers, device, cfg.feature_extractor)
 
     t_ref = time.perf_counter()
-    ref = reference_statistics(cfg, tok_cfg.image_size, use_gpu)
+    ref, ref_rejected = reference_statistics(cfg, tok_cfg.image_size, use_gpu)
     ref_seconds = time.perf_counter() - t_ref
     if not cfg.reference.npz or "features" in ref:
         buf = io.BytesIO()
@@ -355,6 +372,7 @@ def run(cfg: FidConfig) -> dict:
         "labels": {"classes": len(counts), "min_per_class": int(counts.min()), "max_per_class": int(counts.max())},
         "sampling_seconds": round(sample_seconds, 2), "images_per_second": round(sampled / sample_seconds, 2),
         "reference_seconds": round(ref_seconds, 2),
+        "reference_rejected": {"count": len(ref_rejected), "first": ref_rejected[:MAX_LISTED_REJECTIONS]},
         "output": storage.join(cfg.output, "fid.json"),
         "sample_stats_sha": tally.stats.digest,
     })

@@ -492,13 +492,12 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
     t0 = time.perf_counter()
     data_dir = os.path.join(root, "data")
     data = synthetic_imagenet.make_synthetic_imagenet(data_dir, fraction)
-    result["generate"] = {"seconds": round(time.perf_counter() - t0, 2),
-                          **folder_bytes(data_dir, r"\.(parquet|tar|png)$")}
+    result.setdefault("generate", {"seconds": round(time.perf_counter() - t0, 2),
+                                   **folder_bytes(data_dir, r"\.(parquet|tar|png)$")})
     result["counts"] = {**data["sizes"], "imagefolder": data["inputs"]["train_imagefolder"]["listed"]}
     save()
-    result["tokenize"] = {}
-    rehearse_tokenize(data, root, logs, result["tokenize"], save)
-    if fraction == S3_SIZE:
+    rehearse_tokenize(data, root, logs, result.setdefault("tokenize", {}), save)
+    if fraction == S3_SIZE and "s3" not in result:
         try:
             result["s3"] = rehearse_s3(data, root, logs)
         except Exception as e:  # noqa: BLE001 - the other stages' figures are still worth having
@@ -506,11 +505,13 @@ def rehearse_size(fraction: float, out: str, result: dict, save) -> None:
             result["s3"] = {"error": f"{type(e).__name__}: {e}"}
         save()
     codes_url = os.path.join(root, "codes", "train_parquet")
-    result["loader"] = check_loader(codes_url, result["tokenize"]["train_parquet"]["integrity"]["epoch_fingerprint"])
-    save()
+    if "loader" not in result:
+        result["loader"] = check_loader(codes_url, result["tokenize"]["train_parquet"]["integrity"]["epoch_fingerprint"])
+        save()
     prior = os.path.join(root, "prior")
-    result["train"] = {**rehearse_train(codes_url, prior, logs), "rows": result["loader"]["rows"]}
-    save()
+    if "train" not in result:
+        result["train"] = {**rehearse_train(codes_url, prior, logs), "rows": result["loader"]["rows"]}
+        save()
     result["fid"] = rehearse_fid(fraction, f"{prior}/prior.pt", data["inputs"]["val_wds"]["url"], root, logs)
     save()
 
@@ -521,6 +522,8 @@ def rehearse_tokenize(data: dict, root: str, logs: str, tokenize: dict, save) ->
     keys = KeyIndex(data)
     jobs = (("train_parquet", "train_parquet"), ("train_imagefolder", "train_imagefolder"), ("val_wds", "val_wds"))
     for job, source in jobs:
+        if job in tokenize:  # measured by an earlier, stopped run of the rehearsal
+            continue
         inp = data["inputs"][source]
         url = os.path.join(root, "codes", job)
         shutil.rmtree(url, ignore_errors=True)
@@ -771,17 +774,21 @@ def rehearse(sizes: list[float], out: str) -> dict:
             json.dump(report, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    if os.path.exists(path):  # sizes finished by an earlier run of this command are kept
+    if os.path.exists(path):  # what an earlier run of this command measured is kept: it goes on from there
         with open(path) as f:
-            report["runs"] = [r for r in json.load(f)["runs"] if "seconds" in r and r["size"] in sizes]
-    done = {r["size"] for r in report["runs"]}
+            report["runs"] = [r for r in json.load(f)["runs"] if r["size"] in sizes]
+    earlier = {r["size"]: r for r in report["runs"]}
     t0 = time.perf_counter()
     for fraction in sizes:
-        if fraction in done:
+        if "seconds" in earlier.get(fraction, {}):
             log.info("size %g already measured in %s; kept", fraction, path)
             continue
-        run = {"size": fraction}
-        report["runs"].append(run)
+        run = earlier.get(fraction) or {"size": fraction}
+        if fraction in earlier:
+            run["resumed"] = True  # its "seconds" are this run's only: the stages measured before are kept
+            log.info("size %g goes on after the stages measured before: %s", fraction, ", ".join(k for k in run if k != "size"))
+        else:
+            report["runs"].append(run)
         t = time.perf_counter()
         rehearse_size(fraction, out, run, save)
         run["seconds"] = round(time.perf_counter() - t, 1)
