@@ -40,18 +40,9 @@ $(CLUSTER_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[cluster,hub,gcs]'
 	touch $(CLUSTER_STAMP)
 
-# Most tests wait on processes (Ray's start, jobs, checkpoints) more than they compute: TEST_WORKERS pytest
-# processes share the cores; the tests that time a stop or lose a node then run with nothing beside them.
-TEST_WORKERS ?= 2
-PYTEST := WANDB_MODE=disabled $(BIN)/python -m pytest -q -rs --durations=15
 test: $(DEV_STAMP)
-ifeq ($(PYTEST_ARGS),)
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not alone"
-	$(PYTEST) -m alone
-	$(MAKE) test-other-cpu-path
-else
-	$(PYTEST) $(PYTEST_ARGS)
-endif
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,$(MAKE) test-other-cpu-path)
 
 # The numeric tests once more on another CPU code path (tests/tolerances.py): MKL's AVX2 kernels on an
 # AVX-512 machine, its conservative path elsewhere, ATen's and oneDNN's baseline ISA. A tolerance tuned to

@@ -19,9 +19,6 @@ from PIL import Image
 from nextscale.pipelines.watchdog import descendants, processes
 from nextscale.tokenize.job_config import TokenizeConfig
 
-# seconds-to-stop races: measured with no other test beside them (Makefile `test`)
-pytestmark = pytest.mark.alone
-
 REPO = Path(__file__).resolve().parent.parent
 ARGS = dict(tokenizer="golden_tiny", views=1, samples_per_shard=2, batch_size=2)
 

@@ -21,9 +21,6 @@ from pathlib import Path
 
 import pytest
 
-# a node lost while its tasks run: measured with no other test beside them (Makefile `test`)
-pytestmark = pytest.mark.alone
-
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, PER_SHARD = 2, 6, 2  # 12 images -> 6 shards -> 6 decode tasks
 
