@@ -6,6 +6,7 @@ the processes of its session only (never ``ray stop``, which would kill every Ra
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -24,10 +25,14 @@ PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-age
               "object-manager-port")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (a port whose socket was closed
+    can be handed out again at once: CI once got the same port for two of Ray's components)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def dashboard_deps_path() -> str | None:
@@ -91,7 +96,7 @@ class RayHead:
         deps = dashboard_deps_path()
         if deps is None:
             raise RuntimeError("ray start --include-dashboard needs ray[default]: pip install 'ray[default]'")
-        ports = {flag: _free_port() for flag in PORT_FLAGS}
+        ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
         self.temp_dir = tempfile.mkdtemp(prefix="nsray", dir="/tmp")  # short: Ray's socket paths have a length limit
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--num-cpus={self.num_cpus}",
                "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
