@@ -219,7 +219,10 @@ class MultiScaleQuantizer(nn.Module):
         self.quant_resi = PhiBank(z_channels, quant_resi, num_phi)
         # per-scale EMA of code hits (official name); feeds the usage/dead-code statistics in training
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
-        self.embedding = nn.Embedding(vocab_size, z_channels)
+        # on the meta device (a driver checking a checkpoint's shapes) no random init: normal_ there imports
+        # torch's compiler, seconds of CPU in every tokenize and fid driver
+        shape_only = torch.empty(vocab_size, z_channels) if torch.get_default_device().type == "meta" else None
+        self.embedding = nn.Embedding(vocab_size, z_channels, _weight=shape_only)
 
     def phi(self, si: int) -> Phi:
         return self.quant_resi.qresi_ls[self.phi_idx[si]]
