@@ -21,6 +21,7 @@ rerun makes identical views whatever the worker, batch or order), ``ToTensor`` t
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ import logging
 import os
 import posixpath
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -59,51 +61,58 @@ class InputError(UserError, ValueError):
 # Listing
 
 
-def walk(root: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """``([(relative path, kind)], top-level folders)`` of everything under ``root``, sorted by path.
+def walk(root: str) -> tuple[Iterator[tuple[str, str]], list[str]]:
+    """``(entries, top-level folders)`` under ``root``: entries ``(relative path, kind)`` come in sorted path order,
+    streamed one folder listing at a time, so a walk holds one folder's listing per level, not the tree's.
 
     kind is "file", "hidden" (a name starting with '.'; a hidden folder is one entry, not entered),
     "dangling" (a symbolic link to nothing), "loop" (a symbolic link to a folder the walk is inside, or to
     itself) or "other" (neither file nor folder: a socket, a device). Symbolic links that resolve are
     followed: a link to a file is a file, a link to a folder is walked (symlink farms of shared datasets).
     Top-level folders are the non-hidden folders directly under ``root``, empty ones included. A folder
-    whose listing fails raises :class:`InputError` naming it.
+    whose listing fails raises :class:`InputError` naming it (as the walk reaches it).
     """
     fs, path = storage.filesystem(root)
     if not fs.isdir(path):
         what = "is a file, not a folder" if fs.exists(path) else "does not exist"
         raise InputError(f"input {root!r} {what}; give an ImageFolder root (<root>/<class>/<image>)")
-    entries: list[tuple[str, str]] = []
-    top: list[str] = []
+    inside = (_real(path),)
+    children = _children(fs, root, path, "", inside)
+    top = sorted(rel[:-1] for rel, _, kind in children if kind == "directory")  # by name, as torchvision's
+    return _entries(fs, root, children, inside), top
 
-    def visit(folder: str, rel: str, inside: tuple[str, ...]) -> None:
-        if len(inside) > MAX_DEPTH:
-            raise InputError(f"folders nest deeper than {MAX_DEPTH} levels at {storage.join(root, rel)!r}; "
-                             "is a folder mounted inside itself? remove the loop")
-        try:
-            listed = fs.ls(folder, detail=True)
-        except OSError as e:
-            where = storage.join(root, rel) if rel else root
-            raise InputError(f"cannot list folder {where!r} ({type(e).__name__}: {e}); none of its files could be "
-                             "accepted or rejected: fix its permissions, or move it out of the input") from None
-        for e in listed:
-            name = e["name"].rstrip("/")
-            if name == folder.rstrip("/"):
-                continue  # an object store's marker of the folder itself
-            base = name.rsplit("/", 1)[-1]
-            child = f"{rel}/{base}" if rel else base
-            kind = _link_kind(fs, name, inside) if e.get("islink") else e["type"]
-            if base.startswith("."):
-                entries.append((child, "hidden"))
-            elif kind == "directory":
-                if not rel:
-                    top.append(base)
-                visit(name, child, (*inside, _real(name)))
-            else:
-                entries.append((child, kind if kind in ("file", "dangling", "loop") else "other"))
 
-    visit(path, "", (_real(path),))
-    return sorted(entries), sorted(top)
+def _entries(fs, root: str, children: list[tuple[str, str, str]], inside: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    for rel, name, kind in children:
+        if kind == "directory":
+            folder = (*inside, _real(name))
+            yield from _entries(fs, root, _children(fs, root, name, rel[:-1], folder), folder)
+        else:
+            yield rel, kind if kind in ("file", "hidden", "dangling", "loop") else "other"
+
+
+def _children(fs, root: str, folder: str, rel: str, inside: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """``(relative path, full name, kind)`` of the entries of one folder, in the order of the whole walk: sorted by
+    relative path with a folder's ending in "/" ("a-1.jpg" < "a/" as "a-1.jpg" < "a/x.jpg")."""
+    if len(inside) > MAX_DEPTH:
+        raise InputError(f"folders nest deeper than {MAX_DEPTH} levels at {storage.join(root, rel)!r}; "
+                         "is a folder mounted inside itself? remove the loop")
+    try:
+        listed = fs.ls(folder, detail=True)
+    except OSError as e:
+        where = storage.join(root, rel) if rel else root
+        raise InputError(f"cannot list folder {where!r} ({type(e).__name__}: {e}); none of its files could be "
+                         "accepted or rejected: fix its permissions, or move it out of the input") from None
+    children = []
+    for e in listed:
+        name = e["name"].rstrip("/")
+        if name == folder.rstrip("/"):
+            continue  # an object store's marker of the folder itself
+        base = name.rsplit("/", 1)[-1]
+        child = f"{rel}/{base}" if rel else base
+        kind = "hidden" if base.startswith(".") else _link_kind(fs, name, inside) if e.get("islink") else e["type"]
+        children.append((child + "/" if kind == "directory" else child, name, kind))
+    return sorted(children)
 
 
 def _real(path: str) -> str:
@@ -131,18 +140,32 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_folder(root: str, class_list: list[str] | None = None) -> tuple[list[dict], list[str]]:
-    """Every entry under ``root`` as an item ``{key, source, label, reason}`` (reason "" = usable), and the
-    class names in index order: ``class_list``, or the sorted class folders (empty ones included).
+def iter_image_folder(root: str, class_list: list[str] | None = None) -> tuple[list[str], Iterator[dict]]:
+    """``(class names in index order, items)``: every entry under ``root`` as an item ``{key, source, label,
+    reason}`` (reason "" = usable), streamed in sorted path order; the classes are ``class_list``, or the sorted
+    class folders (empty ones included).
 
-    Items come in sorted path order; keys are the paths without extension, made webdataset-safe and unique.
+    Keys are the paths without extension, made webdataset-safe and unique. The checks that need the whole
+    listing (no files at all, a class folder without an image) raise :class:`InputError` once the items are
+    exhausted. A listing holds one folder's entries at a time: 1.28 M files need no more memory than 1,000.
     """
     entries, folders = walk(root)
     classes = list(class_list) if class_list is not None else folders
+    return classes, _items(root, entries, folders, classes, classes_are_folders=class_list is None)
+
+
+def list_image_folder(root: str, class_list: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """(every item, class names) of :func:`iter_image_folder`, as a list."""
+    classes, items = iter_image_folder(root, class_list)
+    return list(items), classes
+
+
+def _items(root: str, entries: Iterator[tuple[str, str]], folders: list[str], classes: list[str], *,
+           classes_are_folders: bool) -> Iterator[dict]:
     index = {c: i for i, c in enumerate(classes)}
     _, path = storage.filesystem(root)
     local = not storage.is_remote(root)
-    items, seen, images_per_folder = [], {}, dict.fromkeys(folders, 0)
+    keys, listed, images_per_folder = _FolderKeys(folders), 0, dict.fromkeys(folders, 0)
     for rel, kind in entries:
         folder = rel.split("/")[0] if "/" in rel else ""
         label, reason = index.get(folder, -1), ""
@@ -159,12 +182,13 @@ def list_image_folder(root: str, class_list: list[str] | None = None) -> tuple[l
         else:
             images_per_folder[folder] += 1
         source = os.path.join(path, rel) if local else storage.join(root, rel)
-        key = unique_key(sanitize_key(rel if kind == "hidden" else posixpath.splitext(rel)[0]), seen)
-        items.append({"key": key, "source": source, "label": label, "reason": reason})
-    if not items:
+        key = keys.unique(folder, sanitize_key(rel if kind == "hidden" else posixpath.splitext(rel)[0]))
+        listed += 1
+        yield {"key": key, "source": source, "label": label, "reason": reason}
+    if not listed:
         raise InputError(f"no files under {root!r}: expected an ImageFolder (<root>/<class>/<image>.jpg)")
     empty = [f for f, n in images_per_folder.items() if n == 0 and f in index]
-    if empty and class_list is None:
+    if empty and classes_are_folders:
         raise InputError(
             f"class folder(s) {', '.join(repr(f) for f in empty[:5])}{' …' if len(empty) > 5 else ''} under {root!r} "
             "hold no image file: leaving them out would shift every later class index (torchvision's ImageFolder "
@@ -173,7 +197,29 @@ def list_image_folder(root: str, class_list: list[str] | None = None) -> tuple[l
     if missing:
         log.warning("%d of %d classes have no image under %s (first: %s); they keep their class index",
                     len(missing), len(classes), root, ", ".join(missing[:5]))
-    return items, classes
+
+
+class _FolderKeys:
+    """Unique keys for a listing streamed in sorted order, remembering only the keys that can still collide.
+
+    A key is its sanitized path, so two keys can only be equal when their top-level folders sanitize to the same
+    name (``a b`` and ``a_b``), or when both are directly under the root: the keys taken in a group of folders
+    are dropped once the walk has left the group's last folder.
+    """
+
+    def __init__(self, folders: list[str]):
+        self.folders_left = collections.Counter(sanitize_key(f) for f in folders)
+        self.taken: dict[str, dict[str, int]] = {}
+        self.folder = self.group = ""  # the root's files are a group of their own
+
+    def unique(self, folder: str, key: str) -> str:
+        if folder != self.folder:
+            if self.folder:
+                self.folders_left[self.group] -= 1
+                if not self.folders_left[self.group]:
+                    self.taken.pop(self.group, None)
+            self.folder, self.group = folder, sanitize_key(folder) if folder else ""
+        return unique_key(key, self.taken.setdefault(self.group, {}))
 
 
 def accepted_images(items: list[dict], root: str) -> list[tuple[str, int]]:

@@ -16,6 +16,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from nextscale import codes
 from nextscale.images import (
     InputError,
     center_view,
@@ -146,6 +147,58 @@ def test_an_empty_class_folder_stops_the_listing_or_keeps_its_index(tmp_path, ca
     items, classes = list_image_folder(str(root), ["a", "b", "c", "d"])
     assert {it["key"]: it["label"] for it in items if not it["reason"]} == {"a/1": 0, "c/2": 2}
     assert "2 of 4 classes have no image" in caplog.text and "b, d" in caplog.text
+
+
+def test_the_streamed_listing_is_the_sorted_listing_with_the_same_keys(tmp_path):
+    # names around "/" in sort order ("a-1" < "a/" < "a0"), folders beside files of their name, keys that
+    # collide once sanitized: inside a folder, across folders ("a b", "a.b", "a_b"), and at the root
+    names = ["a/x.jpg", "a/x.png", "a/x_1.jpg", "a/sub/1.jpg", "a/sub.jpg", "a/sub-1.jpg", "a/sub0.jpg",
+             "a-1/x.jpg", "a0/x.jpg", "a b/x.jpg", "a.b/x.jpg", "a_b/x.jpg", "a_b/x.png", "b/c/d/e.jpg",
+             "b/c.d/e.jpg", "b/c-d/e.jpg", "r.jpg", "r.png", "r_1.jpg", ".r.jpg", "z/.hidden/q.jpg", "z/q.jpg"]
+    root = tmp_path / "in"
+    _tree(root, names)
+    items, classes = list_image_folder(str(root))
+    # the listing as one sorted list of every path, keys made unique over the whole of it
+    entries = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".hidden" not in p.parts)
+    entries = sorted([*entries, "z/.hidden"])
+    seen: dict[str, int] = {}
+    expected = [codes.unique_key(codes.sanitize_key(rel if "/." in f"/{rel}" else os.path.splitext(rel)[0]), seen)
+                for rel in entries]
+    assert [it["source"] for it in items] == [str(root / rel) for rel in entries]
+    assert [it["key"] for it in items] == expected
+    assert len(set(expected)) == len(expected) and "a_b/x_1" in expected and "r_1_1" in expected
+    assert classes == ["a", "a b", "a-1", "a.b", "a0", "a_b", "b", "z"]
+
+
+def test_planning_an_image_folder_holds_a_few_bytes_per_file(tmp_path):
+    """The tokenize driver lists ImageNet's 1.28 M files: it holds one folder's listing at a time and each
+    shard's items compressed (~20 B per file; the whole listing as a list of dicts held ~540 B per file)."""
+    import tracemalloc
+
+    from nextscale.pipelines.tokenize import plan_shards
+    from nextscale.tokenize.job_config import TokenizeConfig
+
+    root, per_class = tmp_path / "in", 100
+
+    def plan(n_classes: int) -> tuple[int, list]:
+        for c in range(n_classes):
+            (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                (root / f"n{c:08d}" / f"n{c:08d}_{i:05d}.JPEG").touch()
+        cfg = TokenizeConfig(input=str(root), output=str(tmp_path / "out"), tokenizer="golden_tiny",
+                             samples_per_shard=500)
+        tracemalloc.start()
+        tasks, classes, _ = plan_shards(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(classes) == n_classes and sum(len(t.items) for t in tasks) == n_classes * per_class
+        return peak, tasks
+
+    peak_small, _ = plan(30)
+    peak, tasks = plan(60)
+    assert tasks[7].items[0]["key"] == "n00000035/n00000035_00000" and tasks[7].items[0]["label"] == 35
+    grown = (peak - peak_small) / (30 * per_class)
+    assert grown < 100, f"planning held {grown:.0f} more bytes per added file"
 
 
 def _in_child_as_nobody(fn) -> str:

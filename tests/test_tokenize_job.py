@@ -85,19 +85,23 @@ def _as_symlink_farm(root: Path, expected: dict[str, tuple[str, str]]) -> dict[s
             "cat/up": ("rejected", "(a loop)")}
 
 
+def _batch(task) -> dict[str, np.ndarray]:
+    """A shard task as the one-row numpy batch Ray Data hands to ``read_and_views``."""
+    return {k: np.array([v], dtype=object) for k, v in task.row(0, []).items()}
+
+
 def _class_list(path: Path) -> str:
     path.write_text(json.dumps([{"index": 0, "wnid": "cat"}, {"index": 1, "wnid": "dog"}]))
     return str(path)
 
 
 def test_bad_inputs_are_converted_or_rejected_with_reasons(tmp_path):
-    from nextscale.pipelines.tokenize import read_and_views
+    from nextscale.pipelines.tokenize import ShardTask, read_and_views
 
     expected = _as_symlink_farm(tmp_path / "in", _bad_folder(tmp_path / "in"))
     items, classes = list_image_folder(str(tmp_path / "in"), load_class_list(_class_list(tmp_path / "c.json")))
     assert classes == ["cat", "dog"]
-    task = {"index": 0, "kind": "files", "items": items, "url": ""}
-    chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=64, views=2,
+    chunks = list(read_and_views(_batch(ShardTask.of_files(0, items)), image_size=64, views=2,
                                  augmentation="official", crop_ratio=1.125, seed=0, min_side=16, chunk=4,
                                  read_threads=2))
     records = [r for c in chunks for r in json.loads(c["records"][0])]
@@ -130,8 +134,7 @@ def test_imagefolder_on_s3_is_listed_and_read(s3_bucket, tmp_path):
     tasks, classes, fmt = plan_shards(_cfg(f"{s3_bucket}/train", f"{s3_bucket}/codes", samples_per_shard=100))
     assert (fmt, classes, len(tasks)) == ("imagefolder", ["bird", "cat", "dog"], 1)
     assert tasks[0].items[0]["source"] == f"{s3_bucket}/train/bird/unknown.jpg"
-    task = {"index": 0, "kind": "files", "items": tasks[0].items, "url": ""}
-    chunks = list(read_and_views({"task": np.array([json.dumps(task)])}, image_size=64, views=1,
+    chunks = list(read_and_views(_batch(tasks[0]), image_size=64, views=1,
                                  augmentation="official", crop_ratio=1.125, seed=0, min_side=16, chunk=64,
                                  read_threads=4))
     records = json.loads(chunks[0]["records"][0])

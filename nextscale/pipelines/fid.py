@@ -162,7 +162,7 @@ def list_reference_items(url: str) -> list[str]:
         return [url]
     if not storage.exists(url):
         raise NotFound(f"reference.images={url!r} does not exist: give an image folder or tar shards")
-    entries, _ = walk(url)
+    entries = list(walk(url)[0])
     tars = [rel for rel, kind in entries if kind == "file" and rel.endswith(".tar")]
     chosen = tars or [rel for rel, kind in entries if kind == "file" and is_image_name(rel)]
     if not chosen:

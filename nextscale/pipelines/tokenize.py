@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,6 +35,7 @@ from nextscale.images import (
     InputError,
     classes_from_labels,
     decode_image,
+    iter_image_folder,
     label_reason,
     list_image_folder,
     load_class_list,
@@ -101,14 +103,22 @@ def list_tars(url: str, suffix: str = ".tar") -> list[str]:
 class ShardTask:
     index: int
     kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar) | "parquet" (one file)
-    items: list[dict]          # files: the listed items; tar: []
+    packed_items: bytes = b""  # files: the listed items as zlib-compressed JSON (~20 B per file, the driver holds all)
     url: str = ""              # tar: the input tar
     size: int = 0              # tar: its size in bytes (a re-copied, repaired tar makes its shard be redone)
     num_classes: int = 0       # tar: labels >= it are rejected (0: no class list or num_classes given)
 
+    @classmethod
+    def of_files(cls, index: int, items: list[dict]) -> ShardTask:
+        return cls(index, "files", zlib.compress(json.dumps(items).encode()))
+
     @property
     def name(self) -> str:
         return codes.shard_name(self.index)
+
+    @property
+    def items(self) -> list[dict]:
+        return unpack_items(self.packed_items)
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
@@ -117,6 +127,15 @@ class ShardTask:
         else:
             payload = json.dumps(self.items, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def row(self, num_classes: int, columns: list[str]) -> dict:
+        """The task as one row of the Ray dataset :func:`read_and_views` reads."""
+        return {"task": json.dumps({"index": self.index, "kind": self.kind, "url": self.url, "num_classes": num_classes,
+                                    "columns": columns}), "items": self.packed_items}
+
+
+def unpack_items(packed: bytes) -> list[dict]:
+    return json.loads(zlib.decompress(packed)) if packed else []
 
 
 def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
@@ -134,17 +153,21 @@ def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
         sizes = storage.sizes(files)
         classes = class_list or [str(i) for i in range(cfg.num_classes)]
         kind = "tar" if fmt == "webdataset" else "parquet"
-        return [ShardTask(i, kind, [], url=u, size=n, num_classes=len(classes))
+        return [ShardTask(i, kind, url=u, size=n, num_classes=len(classes))
                 for i, (u, n) in enumerate(zip(files, sizes))], classes, fmt
     if cfg.num_classes:
         raise InputError(f"num_classes={cfg.num_classes} applies to webdataset input; the classes of the ImageFolder "
                          f"{cfg.input!r} are its folders, or class_list")
-    items, classes = list_image_folder(cfg.input, class_list)
-    if cfg.max_images:
-        items = items[: cfg.max_images]
-    n = cfg.samples_per_shard
-    tasks = [ShardTask(i, "files", items[s:s + n]) for i, s in enumerate(range(0, len(items), n))]
+    classes, items = iter_image_folder(cfg.input, class_list)
+    planned = itertools.islice(items, cfg.max_images or None)
+    tasks = [ShardTask.of_files(i, shard) for i, shard in enumerate(_batched(planned, cfg.samples_per_shard))]
+    collections.deque(items, maxlen=0)  # the rest of a truncated listing still goes through its checks
     return tasks, classes, fmt
+
+
+def _batched(items: Iterator, n: int) -> Iterator[list]:
+    while batch := list(itertools.islice(items, n)):
+        yield batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +225,7 @@ def read_and_views(batch: dict[str, np.ndarray], *, image_size: int, views: int,
         samples = _storage_errors_named(inputs.parquet_samples(task["url"], *task["columns"], batch_rows=chunk),
                                         task["url"])
     else:
-        samples = _file_samples(task["items"], read_threads, window=2 * chunk)
+        samples = _file_samples(unpack_items(batch["items"][0]), read_threads, window=2 * chunk)
 
     def make_chunk(c: int, group: list[tuple[dict, bytes | Exception]], last: bool) -> dict:
         records, arrays = [], []
@@ -367,9 +390,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[ShardTask], tok_source: str | bytes
     # the tokenizer goes through the object store: workers need no access to the driver's files
     tok_payload = ray.put(tok_source) if isinstance(tok_source, bytes) else tok_source
     chunk = max(1, cfg.batch_size // cfg.views)
-    rows = [{"task": json.dumps({"index": t.index, "kind": t.kind, "items": t.items, "url": t.url,
-                                 "num_classes": num_classes, "columns": [cfg.image_column, cfg.label_column]})}
-            for t in todo]
+    rows = [t.row(num_classes, [cfg.image_column, cfg.label_column]) for t in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         # declaring the memory also keeps Ray Data from fusing decoding into the encoder actors, which would
