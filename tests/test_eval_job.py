@@ -110,11 +110,14 @@ def test_a_killed_fid_job_resumes_to_the_same_numbers(ray_local, tmp_path):
     _reference_folder(tmp_path / "ref")
     args = [f"models.prior_url={prior}", f"models.tokenizer_url={tokenizer}", "num_samples=12", "num_classes=4",
             "samples_per_class=3", "group_size=1", "sampling.top_k=0", "sampling.top_p=0.0",
-            "feature_extractor=random-conv-test", f"reference.images={tmp_path / 'ref'}", "device=cpu",
-            "cpus_per_actor=0.5", "num_sampler_actors=1", "num_feature_actors=1", "save_npz=true"]
-    whole = run(load_config(FidConfig, None, args + [f"output={tmp_path / 'whole'}"]))
+            "feature_extractor=random-conv-test", "device=cpu", "cpus_per_actor=0.5", "num_sampler_actors=1",
+            "num_feature_actors=1", "save_npz=true"]
+    whole = run(load_config(FidConfig, None, args + [f"reference.images={tmp_path / 'ref'}", f"output={tmp_path / 'whole'}"]))
     assert (whole["groups_resumed"], whole["groups_sampled"]) == (0, 12)
 
+    # the reruns read the reference statistics the whole run wrote (the same numbers as the images give, see the
+    # test above), so that they pay for no reference actors and the third run starts no actor at all
+    args.append(f"reference.npz={tmp_path / 'whole' / 'reference_stats.npz'}")
     out = tmp_path / "killed"
     cfg = load_config(FidConfig, None, args + [f"output={out}"])
     store = groups_store(cfg)
