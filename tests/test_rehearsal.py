@@ -1,4 +1,4 @@
-"""The scale rehearsal in small (docs/scaling.md): 20,000 synthetic ImageNet images in 1,000 classes through tokenize,
+"""The scale rehearsal in small (docs/scaling.md): 10,240 synthetic ImageNet images in 1,000 classes through tokenize,
 the code loader and fid, asserting what does not depend on timing: every input accounted for with its label,
 outputs and plans that grow with the shards and not the samples, and exact resumption."""
 
@@ -14,6 +14,9 @@ from PIL import Image
 from nextscale import codes, synthetic_imagenet
 from nextscale.config import load_config
 from nextscale.pipelines.rehearse import KeyIndex, check_codes, check_loader, plan_memory
+
+# past image 10,006, the planted truncated one (synthetic_imagenet.BAD_EVERY); every one of the 1,000 classes has images
+IMAGES = 10_240
 
 
 def test_synthetic_images_show_their_class_and_labels_follow_imagenet_counts():
@@ -39,7 +42,7 @@ def test_the_loader_plan_does_not_grow_with_the_rows(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thread):
+def test_10k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thread):
     from nextscale.eval.config import FidConfig
     from nextscale.pipelines import fid, tokenize
     from nextscale.prior.engine import save_prior
@@ -47,7 +50,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
     from nextscale.tokenize.job_config import TokenizeConfig
 
     data = synthetic_imagenet.make_synthetic_imagenet(
-        str(tmp_path / "data"), 20_000 / synthetic_imagenet.COUNTS["train"], formats=("parquet",))
+        str(tmp_path / "data"), IMAGES / synthetic_imagenet.COUNTS["train"], formats=("parquet",))
     source = data["inputs"]["train_parquet"]
     out = str(tmp_path / "codes")
     cfg = load_config(TokenizeConfig, "tokenize_rehearsal", [f"input={source['url']}", f"output={out}", "views=2"])
@@ -56,7 +59,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
     # every input accounted for, every class with its count, every key in one shard with its image's label
     integrity = check_codes(out, source, KeyIndex(data))
     assert integrity["ok"], integrity["problems"]
-    assert (summary["listed"], summary["rejected"], integrity["classes_present"]) == (20_000, 1, 1000)
+    assert (summary["listed"], summary["rejected"], integrity["classes_present"]) == (IMAGES, 1, 1000)
 
     # manifest.json grows with the shards and classes, never with the samples
     text = (tmp_path / "codes" / codes.MANIFEST).read_text()
@@ -75,7 +78,7 @@ def test_20k_images_through_tokenize_loader_and_fid(ray_local, tmp_path, one_thr
     # one epoch stopped halfway and resumed: the same batches, every sample's view exactly once
     loader = check_loader(out, integrity["epoch_fingerprint"], batch_size=256)
     assert loader["resume_exact"] and loader["epoch_multiset_ok"], loader
-    assert loader["epoch_rows_seen"] == 19_999
+    assert loader["epoch_rows_seen"] == IMAGES - 1
 
     # fid: one sample per class of 1,000, counted at the driver
     prior = str(tmp_path / "prior.pt")
