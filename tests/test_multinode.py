@@ -23,6 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, PER_SHARD = 2, 6, 2  # 12 images -> 6 shards -> 6 decode tasks
+# a decode task on the doomed node stalls this long: far longer than the watcher needs to remove the node
+STALL_S = 120.0
 
 
 def _make_images(root_url: str) -> None:
@@ -58,13 +60,16 @@ def _records(folder: str) -> list[dict]:
 def _instrument(tj, run: dict) -> None:
     """Wrap the job's decode function and encoder actor so they report where they ran.
 
-    ``run`` ({"folder", "delay"}) is captured by value each time Ray pickles the wrappers for a job.
+    ``run`` ({"folder", "stall_node"}) is captured by value each time Ray pickles the wrappers for a job.
     """
+    import ray
+
     original_read = tj.read_and_views
 
     def read_and_views(batch, **kw):
         _record(run["folder"], "decode", shard=json.loads(batch["task"][0])["index"])
-        time.sleep(run["delay"])  # long enough for the node to die while tasks are in flight
+        if ray.get_runtime_context().get_node_id() == run["stall_node"]:
+            time.sleep(STALL_S)  # in flight until that node is removed (it never ends: the node dies first)
         yield from original_read(batch, **kw)
 
     class Encoder(tj.ShardChunkEncoder):
@@ -89,16 +94,19 @@ def scenario(bucket: str, workdir: str) -> dict:
     from nextscale.tokenize.job_config import TokenizeConfig
 
     mb = 1024**2
+    # the head is the node that stays (the driver's node cannot be removed); a removed node is declared dead after
+    # 5 failed health checks: every 0.5 s instead of Ray's 3 s, each still allowed Ray's 10 s to answer
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * mb})
+        "num_cpus": 2, "resources": {"decode": 1, "encode": 1}, "include_dashboard": False,
+        "object_store_memory": 80 * mb, "_system_config": {"health_check_period_ms": 500}})
+    keeper = cluster.head_node
     doomed = cluster.add_node(num_cpus=2, resources={"decode": 2}, object_store_memory=80 * mb)
-    keeper = cluster.add_node(num_cpus=2, resources={"decode": 1, "encode": 1}, object_store_memory=80 * mb)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         images = f"{bucket}/images"
         _make_images(images)
-        run_cfg = {"folder": "", "delay": 0.0}
+        run_cfg = {"folder": "", "stall_node": ""}
         _instrument(tj, run_cfg)
 
         def job(output: str) -> dict:
@@ -108,12 +116,12 @@ def scenario(bucket: str, workdir: str) -> dict:
             return tj.run(cfg)
 
         # 1. uninterrupted, both nodes up
-        run_cfg.update(folder=str(Path(workdir, "ref")), delay=0.0)
+        run_cfg.update(folder=str(Path(workdir, "ref")), stall_node="")
         Path(run_cfg["folder"]).mkdir()
         ref_summary = job(f"{bucket}/ref")
 
         # 2. the node holding two thirds of the decode slots disappears after its first decode task began
-        run_cfg.update(folder=str(Path(workdir, "kill")), delay=1.5)
+        run_cfg.update(folder=str(Path(workdir, "kill")), stall_node=doomed.node_id)
         Path(run_cfg["folder"]).mkdir()
         removed_at: dict = {}
 
