@@ -262,6 +262,7 @@ def test_tokenize_train_fid_chain_through_the_job_api_attach_and_resume(cluster_
         "model": {"preset": "golden_tiny", "overrides": {"num_classes": 2}},
         "data": {"url": f"{b}/codes", "batch_size": 4, "shuffle_buffer": 4},
         "optim": {"lr": 1e-3, "warmup_steps": 1}, "steps": 3, "log_every": 1, "ckpt_every": 2,
+        "tensorboard": {"enabled": False},
         "workers": {"count": 1, "max_failures": 0}, "output": f"{b}/prior"})
     fid = _yaml(tmp_path / "fid.yaml", {
         "models": {"prior_url": f"{b}/prior/prior.pt", "tokenizer_url": f"{b}/weights/tokenizer.pt"},
