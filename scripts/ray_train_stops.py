@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from nextscale import codes  # noqa: E402
 from nextscale.demo_data import make_demo_data  # noqa: E402
-from nextscale.pipelines.watchdog import descendants, processes  # noqa: E402
+from nextscale.pipelines.watchdog import descendants, processes, wait_gone  # noqa: E402
 from nextscale.tokenize.loader import load_tokenizer, save_tokenizer  # noqa: E402
 from nextscale.tokenize.vqvae import build_vqvae  # noqa: E402
 
@@ -77,11 +77,6 @@ def command(stage: str, paths: dict[str, str], out: Path, *extra: str) -> list[s
     return [sys.executable, "-m", "nextscale.cli", stage, *args, f"output={out}", *WORKERS, *extra]
 
 
-def _alive(recorded: dict[int, int]) -> list[int]:
-    procs = processes()
-    return [pid for pid, start in recorded.items() if procs.get(pid, (0, -1))[1] == start]
-
-
 def ctrl_c(stage: str, paths: dict[str, str], root: Path) -> dict:
     """Seconds from SIGINT (to the process group) to exit, the exit status, processes left behind."""
     out = root / f"ctrl-c-{stage}-{time.monotonic_ns()}"
@@ -106,11 +101,9 @@ def ctrl_c(stage: str, paths: dict[str, str], root: Path) -> dict:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    deadline = time.time() + 20
-    while _alive(started) and time.time() < deadline:
-        time.sleep(0.2)
     return {"stage": stage, "seconds_to_exit": round(seconds, 2), "exit_status": code,
-            "processes_started": len(started), "left_running_after_20s": len(_alive(started)), "log": str(log_path)}
+            "processes_started": len(started), "left_running_after_20s": len(wait_gone(started, 20)),
+            "log": str(log_path)}
 
 
 def data_error(paths: dict[str, str], root: Path) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nextscale.pipelines.watchdog import descendants, processes
+from nextscale.pipelines.watchdog import descendants, processes, wait_gone
 from nextscale.tokenize.job_config import TokenizeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,10 +84,7 @@ def test_the_watchdog_kills_what_the_killed_driver_started_even_orphans():
         os.kill(child, signal.SIGKILL)  # the grandchild is orphaned: no longer below the driver
         driver.kill()
         driver.wait()
-        deadline = time.time() + 10
-        while _alive(started) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not _alive(started)
+        assert not wait_gone(started, 10)
     finally:
         driver.kill()
 
@@ -109,11 +106,6 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 def _shards(out: Path) -> int:
     return sum(n.endswith(".tar") for n in os.listdir(out)) if out.is_dir() else 0
-
-
-def _alive(recorded: dict[int, int]) -> list[int]:
-    procs = processes()
-    return [pid for pid, start in recorded.items() if procs.get(pid, (0, -1))[1] == start]
 
 
 def _tokenize(tmp_path: Path, out: Path) -> list[str]:
@@ -146,10 +138,8 @@ def _interrupt(tmp_path: Path, args: list[str], sig: int, ready, group: bool = F
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    deadline = time.time() + 20
-    while _alive(started) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _alive(started), f"still running after {sig!r}: {_alive(started)}\n{log_path.read_text()[-2000:]}"
+    left = wait_gone(started, 20)
+    assert not left, f"still running after {sig!r}: {left}\n{log_path.read_text()[-2000:]}"
     return code, started
 
 

@@ -53,6 +53,20 @@ def descendants(roots: dict[int, int], procs: dict[int, tuple[int, int]]) -> dic
     return found
 
 
+def alive(recorded: dict[int, int]) -> list[int]:
+    """The recorded processes (pid -> start time) that are still running."""
+    procs = processes()
+    return [pid for pid, start in recorded.items() if procs.get(pid, (0, -1))[1] == start]
+
+
+def wait_gone(recorded: dict[int, int], timeout_s: float) -> list[int]:
+    """Wait up to ``timeout_s`` for the recorded processes to end; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    while (left := alive(recorded)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def reap(recorded: dict[int, int], timeout_s: float = 30.0) -> int:
     """SIGKILL the recorded processes still running (same pid and start time) and anything below them, until
     none is left; returns how many were killed."""
