@@ -27,6 +27,8 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)
+    # libraries whose INFO lines are their own housekeeping (matplotlib's font cache on a first run)
+    logging.getLogger("matplotlib").setLevel(max(level, logging.WARNING))
 
 
 class WandbRun:

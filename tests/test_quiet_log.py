@@ -33,7 +33,9 @@ def test_a_training_stage_prints_its_progress_and_result_and_nothing_else(tmp_pa
     save_tokenizer(build_vqvae("golden_tiny"), str(tmp_path / "tokenizer.pt"))
     codes = write_codes(str(tmp_path / "codes"), str(tmp_path / "tokenizer.pt"), num_samples=32, views=1, seed=0)
     out = tmp_path / "prior"  # given relative to the command's folder: Ray Train workers run in folders of their own
-    env = {**os.environ, "NEXTSCALE_PROGRESS": "lines", "RAY_ADDRESS": ""}
+    # as a user runs it: Ray's default token authentication (conftest turns it off), its token under this HOME
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "HOME": str(tmp_path),
+           "NEXTSCALE_PROGRESS": "lines", "RAY_ADDRESS": ""}
     proc = subprocess.run(
         [sys.executable, "-m", "nextscale.cli", "train-prior", f"data.url={codes}", "data.batch_size=8",
          "model.preset=golden_tiny", f"steps={STEPS}", f"log_every={LOG_EVERY}", f"ckpt_every={CKPT_EVERY}", "sample_every=3",

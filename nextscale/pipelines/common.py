@@ -78,10 +78,20 @@ def init_ray(cfg: RayConfig) -> None:
             kwargs["num_cpus"] = cfg.num_cpus
         if cfg.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024**2
+        # Ray >= 2.5x turns token authentication on for a new local instance and announces it at every start
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_not_the_auth_default_notice)
         log.info("starting a local Ray instance")
         _start_watchdog()
         ray.init(**kwargs)
         _start_autoscaling_coordinator()
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _not_the_auth_default_notice(record: logging.LogRecord) -> bool:
+    """Drops only the notice that Ray chose its default (token authentication on); its other warnings pass."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster.")
 
 
 def _start_autoscaling_coordinator() -> None:
