@@ -104,13 +104,15 @@ class ShardTask:
     index: int
     kind: str                  # "files" (ImageFolder items) | "tar" (one webdataset tar) | "parquet" (one file)
     packed_items: bytes = b""  # files: the listed items as zlib-compressed JSON (~20 B per file, the driver holds all)
+    items_sha256: str = ""     # files: the items' digest, made as they are packed (not by unpacking them each time)
     url: str = ""              # tar: the input tar
     size: int = 0              # tar: its size in bytes (a re-copied, repaired tar makes its shard be redone)
     num_classes: int = 0       # tar: labels >= it are rejected (0: no class list or num_classes given)
 
     @classmethod
     def of_files(cls, index: int, items: list[dict]) -> ShardTask:
-        return cls(index, "files", zlib.compress(json.dumps(items).encode()))
+        return cls(index, "files", zlib.compress(json.dumps(items).encode()),
+                   _sha256(json.dumps(items, sort_keys=True)))
 
     @property
     def name(self) -> str:
@@ -122,11 +124,10 @@ class ShardTask:
 
     def digest(self) -> str:
         """Identity of this shard's inputs: a changed listing makes the shard be redone."""
-        if self.kind in ("tar", "parquet"):  # another class count can reject other samples
-            payload = f"{self.url}\n{self.size}" + (f"\n{self.num_classes}" if self.num_classes else "")
-        else:
-            payload = json.dumps(self.items, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
+        if self.kind == "files":
+            return self.items_sha256
+        # another class count can reject other samples
+        return _sha256(f"{self.url}\n{self.size}" + (f"\n{self.num_classes}" if self.num_classes else ""))
 
     def row(self, num_classes: int, columns: list[str]) -> dict:
         """The task as one row of the Ray dataset :func:`read_and_views` reads."""
@@ -136,6 +137,10 @@ class ShardTask:
 
 def unpack_items(packed: bytes) -> list[dict]:
     return json.loads(zlib.decompress(packed)) if packed else []
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def plan_shards(cfg: TokenizeConfig) -> tuple[list[ShardTask], list[str], str]:
