@@ -129,12 +129,13 @@ ALLOWED_LOCAL = {
     ("nextscale.pipelines.demo", "nextscale.pipelines.common"): "imports Ray: not for `nextscale demo --help`",
     ("nextscale.pipelines.common", "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"):
         "imports Ray Data: only when a local instance starts",
-    ("nextscale.pipelines.rehearse", "ray"): "the parent process of the rehearsal runs stages in children, no Ray",
-    ("nextscale.pipelines.rehearse", "ray._private.internal_api"): "as above",
-    ("nextscale.pipelines.rehearse", "boto3"): "the S3 part only",
-    ("nextscale.pipelines.rehearse", "moto.server"): "the S3 part only (a development dependency)",
-    ("nextscale.pipelines.rehearse", "matplotlib"): "heavy; only where the pictures are drawn",
-    ("nextscale.pipelines.rehearse", "matplotlib.pyplot"): "as above",
+    ("nextscale.pipelines.rehearse.measure", "ray"):
+        "the parent process of the rehearsal runs stages in children, no Ray",
+    ("nextscale.pipelines.rehearse.measure", "ray._private.internal_api"): "as above",
+    ("nextscale.pipelines.rehearse.measure", "moto.server"): "the S3 part only (a development dependency)",
+    ("nextscale.pipelines.rehearse.size", "boto3"): "the S3 part only",
+    ("nextscale.pipelines.rehearse.report", "matplotlib"): "heavy; only where the pictures are drawn",
+    ("nextscale.pipelines.rehearse.report", "matplotlib.pyplot"): "as above",
     ("nextscale.synthetic_imagenet", "pyarrow"): "the parquet format only",
     ("nextscale.synthetic_imagenet", "pyarrow.parquet"): "as above",
 }

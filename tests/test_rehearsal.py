@@ -13,7 +13,7 @@ from PIL import Image
 
 from nextscale import codes, synthetic_imagenet
 from nextscale.config import load_config
-from nextscale.pipelines.rehearse import KeyIndex, check_codes, check_loader, plan_memory
+from nextscale.pipelines.rehearse.checks import KeyIndex, check_codes, check_loader, plan_memory
 
 # past image 10,006, the planted truncated one (synthetic_imagenet.BAD_EVERY); every one of the 1,000 classes has images
 IMAGES = 10_240
