@@ -26,8 +26,22 @@ def check_codes(url: str, want: dict, key_to_index) -> dict:
     manifest = codes.Manifest.read(url)
     index = codes.read_index(url, columns=["key", "label", "shard", "status"], dictionaries=["shard", "status"])
     ok = pc.equal(index["status"], "accepted").to_numpy(zero_copy_only=False)
-    labels = index["label"].to_numpy()
-    problems = []
+    counts = (len(index), int(ok.sum()), int((~ok).sum()))
+    per_class = np.bincount(index["label"].to_numpy()[ok], minlength=len(want["accepted_per_class"])).tolist()
+    problems = _listed_twice(index, key_to_index) + _count_problems(counts, per_class, manifest, want)
+    rows = np.flatnonzero(ok)
+    seen, fingerprint, shard_problems = _read_shards(url, manifest, index, rows, synthetic_labels_for(key_to_index))
+    problems += shard_problems
+    if seen != len(rows):
+        problems.append(f"{len(rows) - seen} accepted keys are in no shard")
+    return {"ok": not problems, "problems": problems[:5], "listed": counts[0], "accepted": counts[1],
+            "rejected": counts[2], "classes_present": int(np.count_nonzero(per_class)),
+            "min_per_class": int(min(per_class)), "max_per_class": int(max(per_class)),
+            "epoch_fingerprint": [seen, fingerprint]}
+
+
+def _listed_twice(index, key_to_index) -> list[str]:
+    """A problem if an image of the generator has more than one row in index.parquet."""
     listed = {split: np.zeros(n, dtype=bool) for split, n in key_to_index.sizes.items()}
     twice = 0
     for batch in index.select(["key"]).to_batches(max_chunksize=65_536):
@@ -35,18 +49,27 @@ def check_codes(url: str, want: dict, key_to_index) -> dict:
             split, i = key_to_index(key)
             twice += bool(listed[split][i])
             listed[split][i] = True
-    if twice:
-        problems.append(f"{twice} images listed twice in index.parquet")
-    counts = (len(index), int(ok.sum()), int((~ok).sum()))
-    if counts != (want["listed"], want["accepted"], want["rejected"]):
-        problems.append(f"listed/accepted/rejected {counts} != {(want['listed'], want['accepted'], want['rejected'])}")
+    return [f"{twice} images listed twice in index.parquet"] if twice else []
+
+
+def _count_problems(counts: tuple[int, int, int], per_class: list[int], manifest: codes.Manifest,
+                    want: dict) -> list[str]:
+    """Listed / accepted / rejected and accepted per class against the generator's, and the manifest's counts."""
+    problems = []
+    wanted = (want["listed"], want["accepted"], want["rejected"])
+    if counts != wanted:
+        problems.append(f"listed/accepted/rejected {counts} != {wanted}")
     if (manifest.num_listed, manifest.num_samples, manifest.num_rejected) != counts:
         problems.append("manifest counts differ from index.parquet")
-    per_class = np.bincount(labels[ok], minlength=len(want["accepted_per_class"])).tolist()
     if per_class != want["accepted_per_class"]:
         problems.append("accepted images per class differ from the generator's")
-    rows = np.flatnonzero(ok)
-    truth = synthetic_labels_for(key_to_index)
+    return problems
+
+
+def _read_shards(url: str, manifest: codes.Manifest, index, rows: np.ndarray, truth) -> tuple[int, int, list[str]]:
+    """The shards, one sample at a time, against the index's accepted ``rows`` in order and the generator's labels
+    (``truth``): (rows the shards cover, epoch fingerprint, the first wrong sample of each shard)."""
+    problems = []
     seen, fingerprint = 0, 0
     for shard in manifest.shards:
         expect = index.take(rows[seen:seen + shard.num_samples]).to_pydict()
@@ -61,12 +84,7 @@ def check_codes(url: str, want: dict, key_to_index) -> dict:
                                 f"lists {row} there")
                 break
         seen += shard.num_samples
-    if seen != len(rows):
-        problems.append(f"{len(rows) - seen} accepted keys are in no shard")
-    return {"ok": not problems, "problems": problems[:5], "listed": counts[0], "accepted": counts[1],
-            "rejected": counts[2], "classes_present": int(np.count_nonzero(per_class)),
-            "min_per_class": int(min(per_class)), "max_per_class": int(max(per_class)),
-            "epoch_fingerprint": [seen, fingerprint]}
+    return seen, fingerprint, problems
 
 
 def synthetic_labels_for(key_to_index):
@@ -111,7 +129,6 @@ def _sample_hash(codes_L: np.ndarray, label: int) -> int:
 
 def plan_memory(url: str, seed: int = 0, at_row: int = 0) -> int:
     """Bytes the loader allocates to plan an epoch and find ``at_row`` in it (the manifest already read)."""
-
     shards = codes.Manifest.read(url).shards
     tracemalloc.start()
     plan = EpochPlan(shards, seed=seed, epoch=0, num_readers=1)
@@ -126,7 +143,6 @@ def check_loader(url: str, expected: list[int], batch_size: int = 256) -> dict:
     """First batch (time, memory), plan memory, and epoch 0 (seed 0) stopped at its middle and resumed: the same
     batches as without the stop, and (count, sum of sample hashes) equal to ``expected`` (:func:`check_codes`)."""
     seed = 0
-
     tracemalloc.start()
     t0 = time.perf_counter()
     loader = CodeLoader(url, batch_size=batch_size, seed=seed)
@@ -135,25 +151,18 @@ def check_loader(url: str, expected: list[int], batch_size: int = 256) -> dict:
     first_s = time.perf_counter() - t0
     first_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    n, total = len(first[0]), sum(_sample_hash(c.numpy(), int(y)) for c, y in zip(*first)) % 2**64
+    n, total = len(first[0]), _add_hashes(0, first)
     half = loader.num_samples // 2 // batch_size * batch_size
     t_epoch = time.perf_counter()
     while n < half:
-        c, y = next(it)
-        n += len(c)
-        total = (total + sum(_sample_hash(a.numpy(), int(b)) for a, b in zip(c, y))) % 2**64
+        batch = next(it)
+        n, total = n + len(batch[0]), _add_hashes(total, batch)
     state = loader.state_dict()
     straight = [next(it) for _ in range(3)]
-    resumed = CodeLoader(url, batch_size=batch_size, seed=seed)
-    t1 = time.perf_counter()
-    resumed.load_state_dict(state)
-    rit = iter(resumed)
-    again = [next(rit) for _ in range(3)]
-    resume_s = time.perf_counter() - t1
+    rit, again, resume_s = _resumed(CodeLoader(url, batch_size=batch_size, seed=seed), state, batches=3)
     exact = all(a[0].equal(b[0]) and a[1].equal(b[1]) for a, b in zip(straight, again))
-    for c, y in [*again, *rit]:
-        n += len(c)
-        total = (total + sum(_sample_hash(a.numpy(), int(b)) for a, b in zip(c, y))) % 2**64
+    for batch in [*again, *rit]:
+        n, total = n + len(batch[0]), _add_hashes(total, batch)
     epoch_s = time.perf_counter() - t_epoch
     plan_bytes = plan_memory(url, seed, half)
     return {"rows": loader.num_samples, "first_batch_s": round(first_s, 3),
@@ -162,3 +171,17 @@ def check_loader(url: str, expected: list[int], batch_size: int = 256) -> dict:
             "resume_at_row": half, "resume_s": round(resume_s, 3), "resume_exact": exact,
             "epoch_samples_per_s": round(n / epoch_s, 1),
             "epoch_multiset_ok": [n, total] == list(expected), "epoch_rows_seen": n}
+
+
+def _add_hashes(total: int, batch) -> int:
+    """``total`` plus the hashes of the batch's (codes, label) samples, mod 2**64: the epoch's multiset, order aside."""
+    return (total + sum(_sample_hash(c.numpy(), int(y)) for c, y in zip(*batch))) % 2**64
+
+
+def _resumed(loader: CodeLoader, state: dict, batches: int):
+    """(iterator, its first ``batches`` batches, seconds to them) of ``loader`` restored to ``state``."""
+    t0 = time.perf_counter()
+    loader.load_state_dict(state)
+    it = iter(loader)
+    again = [next(it) for _ in range(batches)]
+    return it, again, time.perf_counter() - t0
