@@ -302,7 +302,7 @@ def test_demo_config_loads():
     cfg = load_config(TokenizerTrainConfig, "tokenizer_demo")
     assert cfg.vqvae_config().image_size == 32 and cfg.vqvae_config().num_tokens == 130
     cfg = load_config(TokenizerTrainConfig, "tokenizer_demo", ["model.overrides.vocab_size=64"])
-    assert cfg.vqvae_config().vocab_size == 64 and cfg.model.overrides == {"vocab_size": 64}
+    assert cfg.vqvae_config().vocab_size == 64 and cfg.model.overrides == {"ch": 16, "vocab_size": 64}
     with pytest.raises(ConfigError, match="model.overrides.vocab"):
         load_config(TokenizerTrainConfig, None, ["model.overrides.vocab=64"])
     with pytest.raises(ConfigError, match="data.image_size=64"):
