@@ -111,8 +111,8 @@ class ShardTask:
 
     @classmethod
     def of_files(cls, index: int, items: list[dict]) -> ShardTask:
-        return cls(index, "files", zlib.compress(json.dumps(items).encode()),
-                   _sha256(json.dumps(items, sort_keys=True)))
+        text = json.dumps(items, sort_keys=True)  # serialised once: packed and digested
+        return cls(index, "files", zlib.compress(text.encode()), _sha256(text))
 
     @property
     def name(self) -> str:
